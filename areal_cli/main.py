@@ -1,0 +1,65 @@
+"""The `areal` command line.
+
+    areal train config=gsm8k_grpo dataset.path=../shared/data/gsm8k trainer.total_steps=3
+    areal train config=smoke                      # tiny model, 2 steps, CPU, < 1 minute
+    areal config show config=gsm8k_grpo actor.optimizer.lr=1e-5
+
+`config=NAME` picks `configs/NAME.yaml`; every other argument is a Hydra override
+(`a.b=c` sets, `+a.b=c` adds, `~a.b` deletes). A mistake in the config exits with status 2
+and a message that names the key.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+
+from areal_cli.config import ConfigError, load_config, split_cli_args, to_yaml
+
+app = typer.Typer(
+    help="areal: asynchronous RL (GRPO) for language models, from a laptop CPU to many GPUs.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True, soft_wrap=True)
+ARGS_HELP = "config=NAME followed by Hydra overrides such as trainer.total_steps=3"
+# Typer would treat "config=..." as an option value otherwise; these settings hand every
+# remaining word to the command.
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _resolve(args: list[str]):
+    try:
+        name, overrides = split_cli_args(args)
+        return load_config(name, overrides)
+    except ConfigError as exc:
+        err.print("[bold red]config error:[/]", end=" ")
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(code=2)
+
+
+@app.command(context_settings=PASSTHROUGH)
+def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False)) -> None:
+    """Run GRPO training in this process (see `areal launch` for several replicas)."""
+    cfg = _resolve(args or [])
+    from workflows.trainer import run_training  # heavy imports only when training
+
+    run_training(cfg)
+
+
+@config_app.command("show", context_settings=PASSTHROUGH)
+def config_show(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False)) -> None:
+    """Print the resolved config as YAML."""
+    cfg = _resolve(args or [])
+    Console().print(Syntax(to_yaml(cfg), "yaml", background_color="default"))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,52 @@
+"""Configuration of what flows: data, rollout control, the training loop and its logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class DatasetConfig:
+    """Where prompts come from.
+
+    `path` is a hub dataset id (read with `datasets.load_dataset`) or a local directory
+    (or file) of `.jsonl` / `.parquet` files such as `../shared/data/gsm8k`.
+    """
+
+    path: str = "openai/gsm8k"
+    name: Optional[str] = "main"  # hub config name; ignored for local paths
+    split: str = "train"
+    eval_split: str = "test"
+    batch_size: int = 4  # prompts per training step
+    max_prompt_length: int = 512  # tokens; longer prompts are skipped and counted
+    shuffle: bool = True
+    max_eval_samples: int = 64  # prompts scored at each evaluation
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout controller (AReaL's asynchronous RL, arXiv 2505.24298)."""
+
+    max_concurrent_rollouts: int = 16
+    # Trajectories (prompt groups) per training step; None means `dataset.batch_size`.
+    consumer_batch_size: Optional[int] = None
+    # How many policy versions a trained sample may lag; 0 is synchronous RL.
+    max_head_offpolicyness: int = 0
+    queue_size: int = 64
+    reward_timeout: float = 10.0  # seconds per reward call before it scores 0
+    reward_workers: int = 2
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: Optional[int] = None  # takes precedence over total_epochs
+    total_epochs: int = 1
+    save_freq_steps: int = 0  # 0: save only at the end
+    eval_freq_steps: int = 0  # 0: no evaluation
+
+
+@dataclass
+class StatsLoggerConfig:
+    print_every: int = 1  # steps between printed records
+    file_name: str = "stats.jsonl"
