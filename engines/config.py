@@ -80,7 +80,9 @@ class ActorConfig:
     reward_bias: float = 0.0
     kl_ctl: float = 0.0  # KL penalty coefficient against the initial policy; 0 disables
     kl_estimator: str = "k1"  # k1 | k2 | k3
-    group_reward_norm: bool = True  # GRPO: normalise rewards within each prompt's group
+    # GRPO: normalise rewards within each prompt's group; false uses the shifted, scaled
+    # reward itself as the advantage (REINFORCE with baseline -reward_bias).
+    group_reward_norm: bool = True
     group_adv_std_norm: bool = True  # divide by the group's std (Dr. GRPO sets False)
     # Decoupled PPO (AReaL): recompute proximal logprobs with the current weights before
     # the update and use them as the trust-region anchor.

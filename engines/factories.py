@@ -1,0 +1,155 @@
+"""Factories that build the training engine's parts from config.
+
+The training engine is assembled only through these functions, so each decision (which
+optimizer, which schedule, which layers are checkpointed, what "deterministic" means)
+lives in exactly one place and is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from engines.config import ActorConfig, OptimizerConfig
+
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+
+
+def create_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Build the optimizer named by `cfg.type`.
+
+    Raises:
+        ValueError: `cfg.type` is not one of `OPTIMIZERS`.
+    """
+    kind = cfg.type.lower()
+    if kind == "adamw":
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"actor.optimizer.type={cfg.type!r} is not supported; valid types: {', '.join(OPTIMIZERS)}")
+
+
+def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, kind: str, min_lr_ratio: float) -> float:
+    """The factor applied to the base learning rate at optimizer step `step` (0-based).
+
+    Linear warm-up from 0 over `warmup_steps`, then constant, linear decay or half-cosine
+    decay (Loshchilov & Hutter, SGDR, 2017) down to the floor `min_lr_ratio` at
+    `total_steps`.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if kind == "linear":
+        shape = 1.0 - progress
+    elif kind == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(
+            f"actor.optimizer.lr_scheduler_type={kind!r} is not supported; valid types: {', '.join(LR_SCHEDULERS)}"
+        )
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def create_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, *, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A `LambdaLR` following `lr_multiplier`; `total_steps` counts optimizer steps.
+
+    Raises:
+        ValueError: unknown `cfg.lr_scheduler_type`, or a `min_lr_ratio` outside [0, 1].
+    """
+    if cfg.lr_scheduler_type not in LR_SCHEDULERS:
+        lr_multiplier(1, total_steps=2, warmup_steps=0, kind=cfg.lr_scheduler_type, min_lr_ratio=0.0)
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"actor.optimizer.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    warmup_steps = int(cfg.warmup_steps_proportion * total_steps)
+
+    def factor(step: int) -> float:
+        return lr_multiplier(
+            step,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            kind=cfg.lr_scheduler_type,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_ac_config(model: nn.Module, enabled: bool) -> list[nn.Module]:
+    """Turn on activation checkpointing for every decoder layer of a transformers model.
+
+    Uses transformers' own `gradient_checkpointing_enable` (non-reentrant
+    `torch.utils.checkpoint`), which recomputes each decoder layer's activations in the
+    backward pass. Returns the checkpointed layers (empty when disabled).
+
+    Raises:
+        ValueError: `enabled` but the model does not support gradient checkpointing.
+    """
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not enabled:
+        return []
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"actor.gradient_checkpointing=true but {type(model).__name__} does not support it; set it to false"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The KV cache is useless while training and incompatible with recomputation.
+    model.config.use_cache = False
+    return layers
+
+
+def setup_deterministic_mode(seed: int, enabled: bool) -> None:
+    """Seed every RNG (python, numpy, torch CPU and CUDA); with `enabled`, also make
+    kernels deterministic.
+
+    `CUBLAS_WORKSPACE_CONFIG` must be set before cuBLAS initialises for deterministic
+    matmuls on CUDA (PyTorch reproducibility notes); on CPU it is harmless.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too when present
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def validate_and_force_pad_to_maximum(cfg: ActorConfig, *, max_sequence_tokens: int) -> int:
+    """Check the micro-batch budget and return the length every sequence is padded to.
+
+    A micro-batch holds whole sequences of at most `max_sequence_tokens` tokens (prompt
+    + completion), so `max_tokens_per_mb` must be at least that. With `pad_to_maximum`,
+    every sequence is right-padded to `max_sequence_tokens`, so tensor shapes are the
+    same at every step; deterministic mode forces it on so that a run's numerics never
+    depend on how long the sampled completions happened to be.
+
+    Returns:
+        The padded sequence length in tokens, or 0 for "pad to the longest sequence".
+
+    Raises:
+        ValueError: `max_tokens_per_mb` is smaller than one sequence.
+    """
+    if cfg.max_tokens_per_mb < max_sequence_tokens:
+        raise ValueError(
+            f"actor.max_tokens_per_mb={cfg.max_tokens_per_mb} cannot hold one sequence of up to "
+            f"{max_sequence_tokens} tokens (dataset.max_prompt_length + gconfig.max_new_tokens); raise it"
+        )
+    if cfg.deterministic:
+        cfg.pad_to_maximum = True
+    return max_sequence_tokens if cfg.pad_to_maximum else 0

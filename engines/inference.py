@@ -1,0 +1,216 @@
+"""Inference engines: where rollouts are generated.
+
+The rest of areal sees only the `InferenceEngine` protocol: `await agenerate(request)`
+returns the completion's token ids, their logprobs and the policy version that produced
+each token. `LocalInferenceEngine` is the embedded default: a copy of the policy in this
+process, decoding on one worker thread so the asyncio loop that calls it stays free.
+Remote engines (vLLM / SGLang style servers over HTTP) implement the same protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Protocol, runtime_checkable
+
+import torch
+from transformers import PreTrainedModel
+
+from engines.config import GenerationConfig
+
+
+@dataclass
+class GenerationRequest:
+    """One completion to sample. Token ids only: engines never see text."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_gconfig(cls, input_ids: list[int], g: GenerationConfig) -> "GenerationRequest":
+        return cls(
+            input_ids=list(input_ids),
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=g.top_k,
+            stop_token_ids=list(g.stop_token_ids),
+        )
+
+    def sampling_key(self) -> tuple:
+        return (self.max_new_tokens, self.temperature, self.top_p, self.top_k, tuple(self.stop_token_ids))
+
+
+@dataclass
+class GenerationResponse:
+    """A sampled completion.
+
+    `output_logprobs[i]` is log p(output_ids[i]) in float32 under the temperature-scaled
+    distribution (before top-k / top-p filtering), the same quantity the trainer
+    recomputes. `output_versions[i]` is the policy version that sampled token i.
+    """
+
+    input_ids: list[int]
+    output_ids: list[int]
+    output_logprobs: list[float]
+    output_versions: list[int]
+    stop_reason: str  # "stop" (EOS or a stop token) | "length" (max_new_tokens reached)
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    async def agenerate(self, request: GenerationRequest) -> GenerationResponse: ...
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
+
+    def set_version(self, version: int) -> None: ...
+
+    def get_version(self) -> int: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+class LocalInferenceEngine:
+    """In-process sampling with a private copy of the policy.
+
+    Concurrent `agenerate` calls made on one event loop are gathered into batches of up
+    to `max_batch_size` and decoded together with `model.generate` on a single worker
+    thread; weight updates run on that same thread, so a batch never mixes versions.
+
+    Args:
+        model: a causal LM; it is moved to eval mode and owned by the engine.
+        eos_token_id: ends every completion.
+        pad_token_id: fills prompts on the left and finished sequences on the right.
+    """
+
+    def __init__(self, model: PreTrainedModel, *, eos_token_id: int, pad_token_id: int, max_batch_size: int = 64):
+        self.model = model.eval().requires_grad_(False)
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+        self._version = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="areal-generate")
+        self._pending: list[tuple[GenerationRequest, asyncio.Future]] = []
+        self._flush_scheduled = False
+        self._running = threading.Event()
+        self._running.set()
+        self.num_generated_tokens = 0
+
+    # -- control ------------------------------------------------------------------------
+
+    def get_version(self) -> int:
+        return self._version
+
+    def set_version(self, version: int) -> None:
+        self._version = version
+
+    def pause(self) -> None:
+        """Start no new batch until `resume`; a batch already decoding finishes."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy new policy weights in, between batches (blocks until the copy is done)."""
+        self._worker.submit(self._load, state_dict).result()
+
+    def _load(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.model.load_state_dict(state_dict, strict=True)
+
+    def destroy(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    # -- generation -----------------------------------------------------------------------
+
+    async def agenerate(self, request: GenerationRequest) -> GenerationResponse:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((request, future))
+        if not self._flush_scheduled:
+            # A task created now runs after every coroutine that is already ready, so
+            # requests issued together (asyncio.gather) land in one batch.
+            self._flush_scheduled = True
+            loop.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            await loop.run_in_executor(None, self._running.wait)
+            key = self._pending[0][0].sampling_key()
+            batch = [item for item in self._pending if item[0].sampling_key() == key][: self.max_batch_size]
+            for item in batch:
+                self._pending.remove(item)
+            try:
+                responses = await loop.run_in_executor(self._worker, self.generate, [r for r, _ in batch])
+            except Exception as exc:  # every waiter learns of the failure; the engine lives on
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), response in zip(batch, responses):
+                if not fut.done():
+                    fut.set_result(response)
+        self._flush_scheduled = False
+
+    @torch.no_grad()
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:
+        """Sample one completion per request, in one batch. Requests must share
+        sampling parameters (`sampling_key`). Uses the global torch RNG."""
+        first = requests[0]
+        version = self._version
+        max_len = max(len(r.input_ids) for r in requests)
+        input_ids = torch.full((len(requests), max_len), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, r in enumerate(requests):  # left padding: every completion starts at max_len
+            input_ids[i, max_len - len(r.input_ids) :] = torch.tensor(r.input_ids)
+            attention_mask[i, max_len - len(r.input_ids) :] = 1
+        stop_ids = [self.eos_token_id, *first.stop_token_ids]
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=first.temperature > 0,
+            temperature=first.temperature if first.temperature > 0 else None,
+            top_p=first.top_p,
+            top_k=first.top_k,
+            max_new_tokens=first.max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        new_tokens = out.sequences[:, max_len:]  # [B, T]
+        # Raw logits per step -> logprobs of the temperature-scaled distribution.
+        logits = torch.stack(out.logits, dim=1).float()  # [B, T, V]
+        if first.temperature > 0:
+            logits = logits / first.temperature
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        responses = []
+        for i, r in enumerate(requests):
+            tokens = new_tokens[i].tolist()
+            length, reason = len(tokens), "length"
+            for t, token in enumerate(tokens):
+                if token in stop_ids:
+                    length, reason = t + 1, "stop"
+                    break
+            self.num_generated_tokens += length
+            responses.append(
+                GenerationResponse(
+                    input_ids=list(r.input_ids),
+                    output_ids=tokens[:length],
+                    output_logprobs=logprobs[i, :length].tolist(),
+                    output_versions=[version] * length,
+                    stop_reason=reason,
+                )
+            )
+        return responses

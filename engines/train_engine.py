@@ -1,0 +1,274 @@
+"""The training engine: one policy, its optimizer and schedule, and the PPO/GRPO update.
+
+Built only through the factories in `engines/factories.py`. It works on padded token
+batches (dicts of tensors, see `workflows/batch.py`) and knows nothing of text, rewards
+or rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+
+from engines.config import ActorConfig
+from engines.factories import (
+    build_ac_config,
+    create_lr_scheduler,
+    create_optimizer,
+    validate_and_force_pad_to_maximum,
+)
+from engines.ppo import kl_penalty, masked_mean, ppo_clipped_loss
+
+
+def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(input_ids[:, t] | input_ids[:, :t]) under `model` at `temperature`.
+
+    Args:
+        input_ids, attention_mask: [B, L] long, right-padded.
+    Returns:
+        [B, L] float32, 0 at position 0 (nothing predicts the first token).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.nn.functional.pad(logp, (1, 0))
+
+
+def split_micro_batches(lengths: list[int], max_tokens: int, pad_to: int = 0) -> list[list[int]]:
+    """Group sequence indices, in order, so that each group's padded size (number of
+    sequences x longest length, or x `pad_to`) stays within `max_tokens`."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        width = pad_to or max(longest, n)
+        if current and width * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current, longest = [], 0
+            width = pad_to or n
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        groups.append(current)
+    return groups
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    grad_norm: float
+    lr: float
+    clip_fraction: float
+    importance_weight_mean: float
+    importance_weight_max: float
+    masked_fraction: float
+    kl: float
+    num_loss_tokens: int
+
+
+class TrainEngine:
+    """The policy under training.
+
+    Args:
+        cfg: the actor config (optimizer, schedule, micro-batching, loss knobs).
+        model: a transformers causal LM (float weights).
+        total_steps: training steps in the run; sizes the LR schedule.
+        max_sequence_tokens: the longest possible sequence (prompt + completion), tokens.
+        temperature: sampling temperature, so recomputed logprobs match the sampler's.
+        ref_model: frozen initial policy for the KL penalty (needed iff `cfg.kl_ctl > 0`).
+    """
+
+    def __init__(
+        self,
+        cfg: ActorConfig,
+        model: nn.Module,
+        *,
+        total_steps: int,
+        max_sequence_tokens: int,
+        temperature: float,
+        ref_model: Optional[nn.Module] = None,
+    ):
+        if cfg.kl_ctl > 0 and ref_model is None:
+            raise ValueError("actor.kl_ctl > 0 needs a reference model")
+        self.cfg = cfg
+        self.model = model
+        self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
+        self.temperature = temperature
+        self.pad_to = validate_and_force_pad_to_maximum(cfg, max_sequence_tokens=max_sequence_tokens)
+        build_ac_config(model, cfg.gradient_checkpointing)
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.optimizer = create_optimizer(model.parameters(), cfg.optimizer)
+        self.lr_scheduler = create_lr_scheduler(
+            self.optimizer, cfg.optimizer, total_steps=total_steps * cfg.ppo_n_minibatches
+        )
+        self._version = 0
+
+    # -- versions and weights --------------------------------------------------------------
+
+    def get_version(self) -> int:
+        return self._version
+
+    def set_version(self, version: int) -> None:
+        self._version = version
+
+    def upload_weights(self, inference_engine) -> None:
+        """Send the current weights to an inference engine (in-process: a tensor copy)."""
+        inference_engine.update_weights(self.model.state_dict())
+
+    def save(self, path: Path, tokenizer=None) -> None:
+        """Write a Hugging Face model directory (config + safetensors) loadable with
+        `AutoModelForCausalLM.from_pretrained(path)`."""
+        path = Path(path)
+        self.model.save_pretrained(path, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    def load(self, path: Path) -> None:
+        """Load weights written by `save` into the current model."""
+        state = {}
+        for file in sorted(Path(path).glob("*.safetensors")):
+            state.update(load_file(file))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # Tied embeddings are stored once; anything else missing is a real mismatch.
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the model: missing={missing} unexpected={unexpected}")
+
+    # -- computation ----------------------------------------------------------------------------
+
+    def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        groups = split_micro_batches(lengths, self.cfg.max_tokens_per_mb, self.pad_to)
+        out = []
+        for idx in groups:
+            width = self.pad_to or max(lengths[i] for i in idx)
+            mb = {}
+            for k, v in batch.items():
+                v = v[idx]
+                if v.dim() == 2:
+                    v = v[:, :width] if v.shape[1] >= width else torch.nn.functional.pad(v, (0, width - v.shape[1]))
+                mb[k] = v
+            out.append(mb)
+        return out
+
+    @torch.no_grad()
+    def compute_logp(self, batch: dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> torch.Tensor:
+        """Per-token logprobs of `batch["input_ids"]` under the current policy (or
+        `model`), without gradients. Returns [B, L] float32, same L as the batch."""
+        model = model or self.model
+        was_training = model.training
+        model.eval()
+        B, L = batch["input_ids"].shape
+        out = torch.zeros(B, L, dtype=torch.float32)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for idx in split_micro_batches(lengths, self.cfg.max_tokens_per_mb, self.pad_to):
+            width = min(L, max(lengths[i] for i in idx))
+            logp = token_logprobs(
+                model, batch["input_ids"][idx, :width], batch["attention_mask"][idx, :width], self.temperature
+            )
+            out[idx, :width] = logp
+        model.train(was_training)
+        return out
+
+    def train_batch(self, batch: dict[str, torch.Tensor]) -> TrainStats:
+        """One PPO/GRPO update on a batch, in `ppo_n_minibatches` optimizer steps.
+
+        Expects [B, L] tensors `input_ids`, `attention_mask`, `loss_mask`, `logprobs`
+        (behaviour policy), `advantages` (float32, per token), and optionally
+        `prox_logp` (decoupled loss) and `ref_logp` (KL penalty).
+
+        Returns statistics averaged over the minibatches (loss, grad norm before clipping,
+        lr, clip fraction, importance weights, KL).
+        """
+        self.model.train()
+        B = batch["input_ids"].shape[0]
+        n_mini = min(self.cfg.ppo_n_minibatches, B)
+        minibatches = [idx.tolist() for idx in torch.arange(B).chunk(n_mini)]
+        records = []
+        for idx in minibatches:
+            mini = {k: v[idx] for k, v in batch.items()}
+            records.append(self._optimizer_step(mini))
+        mean = lambda name: sum(getattr(r, name) for r in records) / len(records)  # noqa: E731
+        return TrainStats(
+            loss=mean("loss"),
+            grad_norm=mean("grad_norm"),
+            lr=records[-1].lr,
+            clip_fraction=mean("clip_fraction"),
+            importance_weight_mean=mean("importance_weight_mean"),
+            importance_weight_max=max(r.importance_weight_max for r in records),
+            masked_fraction=mean("masked_fraction"),
+            kl=mean("kl"),
+            num_loss_tokens=sum(r.num_loss_tokens for r in records),
+        )
+
+    def _optimizer_step(self, mini: dict[str, torch.Tensor]) -> TrainStats:
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        num_tokens = float(mini["loss_mask"].sum())
+        if self.world_size > 1:
+            # Normalise by the token count of the whole global minibatch so that the
+            # all-reduced gradient equals the single-process one.
+            total = torch.tensor(num_tokens)
+            dist.all_reduce(total)
+            num_tokens = float(total)
+        totals = dict(loss=0.0, clip_fraction=0.0, importance_weight_mean=0.0, masked_fraction=0.0, kl=0.0)
+        weight_max = 0.0
+        local_tokens = float(mini["loss_mask"].sum())
+        for mb in self._micro_batches(mini):
+            logp = token_logprobs(self.model, mb["input_ids"], mb["attention_mask"], self.temperature)
+            use_prox = cfg.use_decoupled_loss and "prox_logp" in mb
+            out = ppo_clipped_loss(
+                logp,
+                mb["logprobs"],
+                mb["advantages"],
+                mb["loss_mask"],
+                eps_clip=cfg.eps_clip,
+                num_loss_tokens=num_tokens,
+                proximal_logprobs=mb["prox_logp"] if use_prox else None,
+                behav_imp_weight_cap=cfg.behav_imp_weight_cap if use_prox else None,
+            )
+            loss = out.loss
+            mb_tokens = float(mb["loss_mask"].sum())
+            if cfg.kl_ctl > 0:
+                # GRPO puts the KL term in the loss rather than in the reward
+                # (DeepSeekMath, arXiv 2402.03300, eq. 3).
+                kl = masked_mean(kl_penalty(logp, mb["ref_logp"], cfg.kl_estimator), mb["loss_mask"], num_tokens)
+                loss = loss + cfg.kl_ctl * kl
+                totals["kl"] += float(kl) * num_tokens
+            loss.backward()
+            totals["loss"] += loss.item()
+            share = mb_tokens / max(local_tokens, 1.0)
+            totals["clip_fraction"] += float(out.clip_fraction) * share
+            totals["importance_weight_mean"] += float(out.importance_weight_mean) * share
+            totals["masked_fraction"] += float(out.masked_fraction) * share
+            weight_max = max(weight_max, float(out.importance_weight_max))
+        if self.world_size > 1:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            loss_total = torch.tensor(totals["loss"])
+            dist.all_reduce(loss_total)
+            totals["loss"] = float(loss_total)
+        max_norm = cfg.optimizer.gradient_clipping if cfg.optimizer.gradient_clipping > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.lr_scheduler.step()
+        return TrainStats(
+            loss=totals["loss"],
+            grad_norm=grad_norm,
+            lr=lr,
+            clip_fraction=totals["clip_fraction"],
+            importance_weight_mean=totals["importance_weight_mean"],
+            importance_weight_max=weight_max,
+            masked_fraction=totals["masked_fraction"],
+            kl=totals["kl"] / max(num_tokens, 1.0),
+            num_loss_tokens=int(num_tokens),
+        )

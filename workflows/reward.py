@@ -1,0 +1,98 @@
+"""Verifiable reward for math answers, scored with math-verify in a process pool.
+
+math-verify's own timeout uses SIGALRM, which only works on a process's main thread; the
+rollout workflow runs on an event-loop thread. So each call runs in a `pebble` process
+pool whose per-task timeout kills a stuck worker instead. Every failure (timeout, parse
+error, crashed worker) scores 0.0 and is counted; none reaches the training loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import threading
+from dataclasses import dataclass
+
+from pebble import ProcessPool
+
+logger = logging.getLogger(__name__)
+
+
+def math_verify_reward(completion: str, reference: str) -> float:
+    """1.0 when the last boxed (or otherwise extracted) answer in `completion` equals
+    `reference` mathematically, else 0.0. Runs in a worker process."""
+    from math_verify import parse, verify
+
+    # Timeouts are the pool's job (see module docstring); math-verify's signal-based
+    # ones are switched off.
+    gold = parse(reference, parsing_timeout=None)
+    answer = parse(completion, parsing_timeout=None)
+    if not gold or not answer:
+        return 0.0
+    return 1.0 if verify(gold, answer, timeout_seconds=None) else 0.0
+
+
+def _init_worker() -> None:
+    # math-verify warns on every call that its own timeout is off; that is intended.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+@dataclass
+class RewardStats:
+    num_scored: int = 0
+    num_failed: int = 0  # timeouts and errors, each scored 0.0
+    num_timeouts: int = 0
+
+
+class RewardScorer:
+    """Scores completions in `num_workers` processes, `timeout` seconds per call.
+
+    `await scorer.ascore(completion, reference)` returns 1.0 or 0.0, never raises.
+    """
+
+    def __init__(self, *, num_workers: int = 2, timeout: float = 10.0, reward_fn=math_verify_reward):
+        self.timeout = timeout
+        self.reward_fn = reward_fn
+        # spawn, not fork: the parent holds torch threads, and forking a threaded
+        # process can deadlock the child.
+        self._pool = ProcessPool(
+            max_workers=num_workers, context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        )
+        self._lock = threading.Lock()
+        self.stats = RewardStats()
+
+    def score(self, completion: str, reference: str) -> float:
+        future = self._schedule(completion, reference)
+        concurrent.futures.wait([future])
+        return self._settle(future)
+
+    async def ascore(self, completion: str, reference: str) -> float:
+        future = self._schedule(completion, reference)
+        await asyncio.wait([asyncio.wrap_future(future)])
+        return self._settle(future)
+
+    def _schedule(self, completion: str, reference: str) -> concurrent.futures.Future:
+        return self._pool.schedule(self.reward_fn, args=(completion, reference), timeout=self.timeout)
+
+    def _settle(self, future: concurrent.futures.Future) -> float:
+        try:
+            return self._record(float(future.result()), failed=False)
+        except concurrent.futures.TimeoutError:
+            return self._record(0.0, failed=True, timeout=True, reason=f"timed out after {self.timeout}s")
+        except Exception as exc:  # noqa: BLE001 - any failure of the scorer scores 0
+            return self._record(0.0, failed=True, reason=repr(exc))
+
+    def _record(self, value: float, *, failed: bool, timeout: bool = False, reason: str = "") -> float:
+        with self._lock:
+            self.stats.num_scored += 1
+            self.stats.num_failed += failed
+            self.stats.num_timeouts += timeout
+        if failed:
+            logger.warning("reward scored 0.0: %s", reason)
+        return value
+
+    def close(self) -> None:
+        self._pool.stop()
+        self._pool.join(timeout=5)

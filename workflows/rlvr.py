@@ -1,0 +1,66 @@
+"""RL with verifiable rewards: one prompt in, a scored group of completions out."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import torch
+
+from engines.config import GenerationConfig
+from engines.inference import GenerationRequest, GenerationResponse, InferenceEngine
+from workflows.reward import RewardScorer
+
+
+class RLVRWorkflow:
+    """Sample `gconfig.n_samples` completions of one prompt concurrently and score them.
+
+    `await arun_episode(engine, data)` with `data = {"prompt_ids": list[int], "answer":
+    str, ...}` returns a trajectory dict of right-padded tensors, one row per completion
+    (n = n_samples, L = longest prompt + completion):
+
+        input_ids       [n, L] long     prompt then completion, padded with pad_token_id
+        attention_mask  [n, L] long     1 on real tokens
+        loss_mask       [n, L] long     1 on completion tokens (the ones trained)
+        logprobs        [n, L] float32  behaviour logprob of each completion token, else 0
+        versions        [n, L] long     policy version that sampled the token; -1 on prompt
+        rewards         [n]    float32  1.0 correct, 0.0 otherwise
+
+    Returns None when the engine fails, which the rollout controller counts as rejected.
+    """
+
+    def __init__(self, *, gconfig: GenerationConfig, tokenizer, scorer: RewardScorer):
+        self.gconfig = gconfig
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+
+    async def arun_episode(self, engine: InferenceEngine, data: dict) -> Optional[dict[str, torch.Tensor]]:
+        request = GenerationRequest.from_gconfig(data["prompt_ids"], self.gconfig)
+        responses = await asyncio.gather(*(engine.agenerate(request) for _ in range(self.gconfig.n_samples)))
+        texts = [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in responses]
+        rewards = await asyncio.gather(*(self.scorer.ascore(t, data["answer"]) for t in texts))
+        return pack_trajectory(responses, rewards, pad_token_id=self.tokenizer.pad_token_id)
+
+
+def pack_trajectory(
+    responses: list[GenerationResponse], rewards: list[float], *, pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad prompt+completion rows into the trajectory tensors described above."""
+    n = len(responses)
+    width = max(len(r.input_ids) + len(r.output_ids) for r in responses)
+    out = {
+        "input_ids": torch.full((n, width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros(n, width, dtype=torch.long),
+        "loss_mask": torch.zeros(n, width, dtype=torch.long),
+        "logprobs": torch.zeros(n, width, dtype=torch.float32),
+        "versions": torch.full((n, width), -1, dtype=torch.long),
+        "rewards": torch.tensor(rewards, dtype=torch.float32),
+    }
+    for i, r in enumerate(responses):
+        p, c = len(r.input_ids), len(r.output_ids)
+        out["input_ids"][i, : p + c] = torch.tensor(r.input_ids + r.output_ids)
+        out["attention_mask"][i, : p + c] = 1
+        out["loss_mask"][i, p : p + c] = 1
+        out["logprobs"][i, p : p + c] = torch.tensor(r.output_logprobs, dtype=torch.float32)
+        out["versions"][i, p : p + c] = torch.tensor(r.output_versions)
+    return out

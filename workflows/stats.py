@@ -1,0 +1,86 @@
+"""Per-step statistics: printed to the console and appended to `stats.jsonl`.
+
+One JSON object per line, one line per training step, written and flushed before the
+next step starts so a crashed run keeps every finished step's record. Only rank 0 of a
+data-parallel job writes; other ranks get a logger that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+# (key, label, format) of the fields printed on the console line of each step.
+CONSOLE_FIELDS = (
+    ("reward_mean", "reward", ".3f"),
+    ("accuracy", "acc", ".3f"),
+    ("response_length_mean", "len", ".0f"),
+    ("loss", "loss", ".4g"),
+    ("grad_norm", "gnorm", ".3g"),
+    ("lr", "lr", ".2e"),
+    ("gen_tokens_per_s", "gen tok/s", ".0f"),
+    ("staleness_max", "stale", "d"),
+    ("step_time_s", "time s", ".1f"),
+)
+
+
+class StatsLogger:
+    """Append-only JSONL stats with a one-line console summary per step."""
+
+    def __init__(self, path: Optional[Path], *, console: Optional[Console] = None, print_every: int = 1):
+        self.path = Path(path) if path else None
+        self.console = console or Console(soft_wrap=True)
+        self.print_every = max(1, print_every)
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict, *, total_steps: Optional[int] = None) -> None:
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        if self.path:
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
+        step = clean.get("step", 0)
+        if step % self.print_every == 0 or step == total_steps:
+            self.console.print(format_line(clean, total_steps), highlight=False)
+
+    def info(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+
+class NullStatsLogger(StatsLogger):
+    """For ranks other than 0: accepts everything, writes nothing."""
+
+    def __init__(self) -> None:
+        self.path = None
+
+    def log(self, record: dict, *, total_steps: Optional[int] = None) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass
+
+
+def format_line(record: dict, total_steps: Optional[int]) -> str:
+    head = f"step {record.get('step')}" + (f"/{total_steps}" if total_steps else "")
+    parts = [head]
+    for key, label, fmt in CONSOLE_FIELDS:
+        if record.get(key) is not None:
+            parts.append(f"{label} {format(record[key], fmt)}")
+    return " | ".join(parts)
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_stats(path: Path) -> list[dict]:
+    """All records of a stats.jsonl file, in step order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
