@@ -91,7 +91,7 @@ def create_lr_scheduler(
 def build_ac_config(model: nn.Module, enabled: bool) -> list[nn.Module]:
     """Turn on activation checkpointing for every decoder layer of a transformers model.
 
-    Uses transformers' own `gradient_checkpointing_enable` (non-reentrant
+    Uses transformers' own `activation_checkpointing_enable` (non-reentrant
     `torch.utils.checkpoint`), which recomputes each decoder layer's activations in the
     backward pass. Returns the checkpointed layers (empty when disabled).
 
@@ -105,7 +105,11 @@ def build_ac_config(model: nn.Module, enabled: bool) -> list[nn.Module]:
         raise ValueError(
             f"actor.gradient_checkpointing=true but {type(model).__name__} does not support it; set it to false"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     # The KV cache is useless while training and incompatible with recomputation.
     model.config.use_cache = False
     return layers

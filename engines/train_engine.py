@@ -32,13 +32,13 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     Args:
         input_ids, attention_mask: [B, L] long, right-padded.
     Returns:
-        [B, L] float32, 0 at position 0 (nothing predicts the first token).
+        [B, L] float32, 0 at position 0 (nothing predicts the first token) and on padding.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
     if temperature > 0:
         logits = logits / temperature
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return torch.nn.functional.pad(logp, (1, 0))
+    return torch.nn.functional.pad(logp, (1, 0)) * attention_mask
 
 
 def split_micro_batches(lengths: list[int], max_tokens: int, pad_to: int = 0) -> list[list[int]]:

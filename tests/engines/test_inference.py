@@ -1,0 +1,72 @@
+import asyncio
+
+import torch
+
+from engines.inference import GenerationRequest, InferenceEngine, LocalInferenceEngine
+from engines.train_engine import token_logprobs
+
+
+def make_engine(model, tokenizer, **kw):
+    return LocalInferenceEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kw)
+
+
+def test_sampled_logprobs_match_trainer_recomputation(tiny_model, tokenizer):
+    """The behaviour logprobs the sampler returns are the quantity the trainer computes
+    (temperature-scaled), so on-policy PPO ratios start at exactly 1."""
+    torch.manual_seed(0)
+    engine = make_engine(tiny_model, tokenizer)
+    assert isinstance(engine, InferenceEngine)
+    prompts = [[1, 520, 9531, 198], [1, 4093, 198, 1780, 314, 216]]
+    requests = [GenerationRequest(input_ids=p, max_new_tokens=8, temperature=0.7) for p in prompts]
+    responses = engine.generate(requests)
+    for r in responses:
+        assert 1 <= len(r.output_ids) <= 8
+        assert len(r.output_logprobs) == len(r.output_ids) == len(r.output_versions)
+        ids = torch.tensor([r.input_ids + r.output_ids])
+        logp = token_logprobs(engine.model, ids, torch.ones_like(ids), temperature=0.7)[0, len(r.input_ids) :]
+        torch.testing.assert_close(torch.tensor(r.output_logprobs), logp, atol=1e-4, rtol=1e-4)
+        assert all(lp <= 0 for lp in r.output_logprobs)
+    engine.destroy()
+
+
+def test_stop_token_ends_completion(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    greedy = dict(input_ids=[1, 4093, 198], max_new_tokens=6, top_k=1)
+    free = engine.generate([GenerationRequest(**greedy)])[0]
+    assert free.stop_reason == "length" or free.output_ids[-1] == tokenizer.eos_token_id
+    stop = free.output_ids[1]
+    first = free.output_ids.index(stop)
+    stopped = engine.generate([GenerationRequest(**greedy, stop_token_ids=[stop])])[0]
+    assert stopped.output_ids == free.output_ids[: first + 1]
+    assert stopped.stop_reason == "stop"
+    engine.destroy()
+
+
+def test_gathered_requests_share_one_batch_and_carry_version(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    engine.set_version(7)
+    calls = []
+    original = engine.generate
+
+    def spy(requests):
+        calls.append(len(requests))
+        return original(requests)
+
+    engine.generate = spy
+
+    async def go():
+        req = GenerationRequest(input_ids=[1, 2, 3, 4], max_new_tokens=4)
+        return await asyncio.gather(*(engine.agenerate(req) for _ in range(5)))
+
+    responses = asyncio.run(go())
+    assert calls == [5]
+    assert all(v == 7 for r in responses for v in r.output_versions)
+    engine.destroy()
+
+
+def test_update_weights_changes_samples(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    new_state = {k: torch.zeros_like(v) for k, v in tiny_model.state_dict().items()}
+    engine.update_weights(new_state)
+    assert all(torch.count_nonzero(p) == 0 for p in engine.model.parameters())
+    engine.destroy()

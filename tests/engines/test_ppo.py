@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from engines.ppo import group_normalized_advantages, kl_penalty, ppo_clipped_loss
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    adv = group_normalized_advantages(rewards, group_size=3, eps=0.0)
+    # group 1: mean 1/3, unbiased std sqrt(1/3); group 2: mean 2/3, same std
+    std = math.sqrt(1 / 3)
+    expected = torch.tensor([2 / 3 / std, -1 / 3 / std, -1 / 3 / std, -2 / 3 / std, 1 / 3 / std, 1 / 3 / std])
+    torch.testing.assert_close(adv, expected)
+    centred = group_normalized_advantages(rewards, group_size=3, std_norm=False)
+    torch.testing.assert_close(centred, torch.tensor([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3]))
+
+
+def test_uniform_group_has_zero_advantage_and_bad_size_raises():
+    assert torch.all(group_normalized_advantages(torch.ones(4), group_size=2) == 0)
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_normalized_advantages(torch.ones(4), group_size=3)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[-1.0]]), torch.tensor([[-1.5]])
+    r = 0.5
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(r)
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(r * r / 2)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(math.exp(-r) - 1 + r)
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_penalty(logp, ref, "k4")
+
+
+def test_clipped_surrogate_by_hand():
+    # token 1: ratio e^0.5 ~ 1.65, advantage +1 -> clipped at 1.2
+    # token 2: ratio e^-0.5 ~ 0.61, advantage -1 -> min(-0.61, -0.8) = -0.8 (clipped)
+    # token 3: ratio 1, advantage +2 -> 2
+    # token 4: masked out
+    old = torch.zeros(1, 4)
+    new = torch.tensor([[0.5, -0.5, 0.0, 3.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, 2.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    out = ppo_clipped_loss(new, old, adv, mask, eps_clip=0.2)
+    assert out.loss.item() == pytest.approx(-(1.2 - 0.8 + 2.0) / 3)
+    assert out.clip_fraction.item() == pytest.approx(2 / 3)
+    out.loss.backward()
+    # clipped tokens carry no gradient; the unclipped one gets -A/N * ratio
+    torch.testing.assert_close(new.grad, torch.tensor([[0.0, 0.0, -2.0 / 3, 0.0]]))
+
+
+def test_token_level_normalisation_uses_given_count():
+    old = torch.zeros(1, 2)
+    out = ppo_clipped_loss(old.clone(), old, torch.ones(1, 2), torch.ones(1, 2), eps_clip=0.2, num_loss_tokens=8)
+    assert out.loss.item() == pytest.approx(-2 / 8)
+
+
+def test_decoupled_loss_weights_and_caps():
+    behav = torch.zeros(1, 3)
+    prox = torch.tensor([[0.0, math.log(2.0), math.log(10.0)]])
+    new = prox.clone()
+    adv = torch.ones(1, 3)
+    out = ppo_clipped_loss(new, behav, adv, torch.ones(1, 3), eps_clip=0.2, proximal_logprobs=prox, behav_imp_weight_cap=5.0)
+    # ratio to the proximal policy is 1; weights 1, 2 and 10 -> the last is masked
+    assert out.loss.item() == pytest.approx(-(1.0 + 2.0) / 2)
+    assert out.masked_fraction.item() == pytest.approx(1 / 3)
+    assert out.importance_weight_max.item() == pytest.approx(10.0)
+    assert out.importance_weight_mean.item() == pytest.approx(13 / 3)

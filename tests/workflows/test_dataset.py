@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from workflows.config import DatasetConfig
+from workflows.dataset import INSTRUCTION, PromptLoader, load_prompt_dataset, reference_answer
+
+
+def test_reference_answer():
+    assert reference_answer("so 3 + 4 = 7\n#### 7") == "7"
+    assert reference_answer("#### 1,234") == "1234"
+    assert reference_answer("no marker") is None
+    assert reference_answer(None) is None
+
+
+def test_real_gsm8k_test_split_loads_with_chat_template(gsm8k_dir, tokenizer):
+    data = load_prompt_dataset(DatasetConfig(path=str(gsm8k_dir), split="test"), tokenizer)
+    assert len(data) == 1319 and data.num_malformed == 0
+    row = data.rows[0]
+    text = tokenizer.decode(row["prompt_ids"])
+    assert "<|im_start|>user" in text and "\\boxed{}" in text and text.rstrip().endswith("assistant")
+    assert row["answer"] == "18"  # Janet's ducks
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_malformed_and_long_rows_are_counted_not_fatal(tmp_path, tokenizer):
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"question": "What is 1+1?", "answer": "1+1=2\n#### 2"},
+            {"question": "No answer marker", "answer": "42"},
+            {"answer": "#### 3"},
+            {"question": "long " * 400, "answer": "#### 5"},
+        ],
+    )
+    data = load_prompt_dataset(DatasetConfig(path=str(tmp_path), max_prompt_length=128), tokenizer)
+    assert len(data) == 1 and data.num_malformed == 2 and data.num_too_long == 1
+    assert "skipped 2 malformed" in data.report()
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "no marker"}])
+    with pytest.raises(ValueError, match="no usable rows"):
+        load_prompt_dataset(DatasetConfig(path=str(tmp_path)), tokenizer)
+    with pytest.raises(FileNotFoundError, match="validation"):
+        load_prompt_dataset(DatasetConfig(path=str(tmp_path)), tokenizer, split="validation")
+
+
+def test_parquet_directory(tmp_path, tokenizer):
+    import datasets
+
+    datasets.Dataset.from_list([{"question": "2+2?", "answer": "#### 4"}] * 3).to_parquet(tmp_path / "train-0.parquet")
+    assert len(load_prompt_dataset(DatasetConfig(path=str(tmp_path)), tokenizer)) == 3
+
+
+def test_loader_reshuffles_each_epoch_reproducibly():
+    from workflows.dataset import PromptDataset
+
+    data = PromptDataset(rows=[{"id": i} for i in range(10)])
+    a = PromptLoader(data, batch_size=3, shuffle=True, seed=5)
+    b = PromptLoader(data, batch_size=3, shuffle=True, seed=5)
+    epoch1, epoch2 = list(a), list(a)
+    assert epoch1 == list(b) and epoch1 != epoch2
+    assert len(epoch1) == 3 and all(len(batch) == 3 for batch in epoch1)
+    with pytest.raises(ValueError, match="batch_size=11"):
+        PromptLoader(data, batch_size=11, shuffle=False, seed=0)

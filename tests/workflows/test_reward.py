@@ -1,0 +1,64 @@
+import asyncio
+import time
+
+import pytest
+
+from workflows.reward import RewardScorer
+
+
+def slow_reward(completion: str, reference: str) -> float:
+    time.sleep(30)
+    return 1.0
+
+
+def broken_reward(completion: str, reference: str) -> float:
+    raise RuntimeError("parser exploded")
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    s = RewardScorer(num_workers=2, timeout=10)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize(
+    "completion, reference, expected",
+    [
+        ("18 eggs, so \\boxed{18}", "18", 1.0),
+        ("The answer is \\boxed{17}.", "18", 0.0),
+        ("\\boxed{1234}", "1234", 1.0),
+        ("\\boxed{0.5}", "1/2", 1.0),
+        ("I don't know", "7", 0.0),
+        ("", "7", 0.0),
+    ],
+)
+def test_math_verify_scores(scorer, completion, reference, expected):
+    assert scorer.score(completion, reference) == expected
+
+
+def test_async_scoring_runs_concurrently(scorer):
+    async def go():
+        return await asyncio.gather(*(scorer.ascore(f"\\boxed{{{i}}}", "3") for i in range(6)))
+
+    assert asyncio.run(go()) == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_timeout_scores_zero_and_is_counted():
+    s = RewardScorer(num_workers=1, timeout=1.0, reward_fn=slow_reward)
+    try:
+        start = time.monotonic()
+        assert s.score("\\boxed{1}", "1") == 0.0
+        assert time.monotonic() - start < 10
+        assert s.stats.num_timeouts == 1 and s.stats.num_failed == 1
+    finally:
+        s.close()
+
+
+def test_errors_score_zero_and_pool_survives():
+    s = RewardScorer(num_workers=1, timeout=5, reward_fn=broken_reward)
+    try:
+        assert s.score("x", "1") == 0.0 and s.score("y", "1") == 0.0
+        assert s.stats.num_failed == 2 and s.stats.num_timeouts == 0
+    finally:
+        s.close()
