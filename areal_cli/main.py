@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 
 from areal_cli.config import ConfigError, load_config, split_cli_args, to_yaml
+from areal_cli.launch import launch_app
 
 app = typer.Typer(
     help="areal: asynchronous RL (GRPO) for language models, from a laptop CPU to many GPUs.",
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(launch_app, name="launch")
 
 err = Console(stderr=True, soft_wrap=True)
 ARGS_HELP = "config=NAME followed by Hydra overrides such as trainer.total_steps=3"

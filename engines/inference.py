@@ -31,9 +31,13 @@ class GenerationRequest:
     top_p: float = 1.0
     top_k: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
+    # With a seed, requests sharing it are sampled as one batch from an RNG seeded with
+    # it, so the samples do not depend on what else is being generated (deterministic
+    # mode; data-parallel ranks then reproduce a single-process run).
+    seed: Optional[int] = None
 
     @classmethod
-    def from_gconfig(cls, input_ids: list[int], g: GenerationConfig) -> "GenerationRequest":
+    def from_gconfig(cls, input_ids: list[int], g: GenerationConfig, seed: Optional[int] = None) -> "GenerationRequest":
         return cls(
             input_ids=list(input_ids),
             max_new_tokens=g.max_new_tokens,
@@ -41,10 +45,11 @@ class GenerationRequest:
             top_p=g.top_p,
             top_k=g.top_k,
             stop_token_ids=list(g.stop_token_ids),
+            seed=seed,
         )
 
     def sampling_key(self) -> tuple:
-        return (self.max_new_tokens, self.temperature, self.top_p, self.top_k, tuple(self.stop_token_ids))
+        return (self.max_new_tokens, self.temperature, self.top_p, self.top_k, tuple(self.stop_token_ids), self.seed)
 
 
 @dataclass
@@ -166,8 +171,11 @@ class LocalInferenceEngine:
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:
         """Sample one completion per request, in one batch. Requests must share
-        sampling parameters (`sampling_key`). Uses the global torch RNG."""
+        sampling parameters (`sampling_key`). Uses the global torch RNG, re-seeded from
+        the requests' `seed` when they carry one."""
         first = requests[0]
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
         version = self._version
         max_len = max(len(r.input_ids) for r in requests)
         input_ids = torch.full((len(requests), max_len), self.pad_token_id, dtype=torch.long)

@@ -26,16 +26,23 @@ class RLVRWorkflow:
         versions        [n, L] long     policy version that sampled the token; -1 on prompt
         rewards         [n]    float32  1.0 correct, 0.0 otherwise
 
-    Returns None when the engine fails, which the rollout controller counts as rejected.
+    With `seed`, each prompt's group is sampled from its own seeded RNG (deterministic
+    mode). An engine failure propagates; the rollout controller counts it as rejected.
     """
 
-    def __init__(self, *, gconfig: GenerationConfig, tokenizer, scorer: RewardScorer):
+    def __init__(self, *, gconfig: GenerationConfig, tokenizer, scorer: RewardScorer, seed: Optional[int] = None):
         self.gconfig = gconfig
         self.tokenizer = tokenizer
         self.scorer = scorer
+        self.seed = seed
 
     async def arun_episode(self, engine: InferenceEngine, data: dict) -> Optional[dict[str, torch.Tensor]]:
-        request = GenerationRequest.from_gconfig(data["prompt_ids"], self.gconfig)
+        seed = None
+        if self.seed is not None:
+            # One seed per (run seed, prompt, policy version): the group's samples are
+            # the same whichever process or batch generates them.
+            seed = hash((self.seed, data["id"], engine.get_version())) % (2**31)
+        request = GenerationRequest.from_gconfig(data["prompt_ids"], self.gconfig, seed=seed)
         responses = await asyncio.gather(*(engine.agenerate(request) for _ in range(self.gconfig.n_samples)))
         texts = [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in responses]
         rewards = await asyncio.gather(*(self.scorer.ascore(t, data["answer"]) for t in texts))

@@ -133,7 +133,8 @@ def run_training(cfg: ExperimentConfig) -> Path:
         ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,
     )
     scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
-    workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer)
+    sampling_seed = cfg.seed if cfg.actor.deterministic else None
+    workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
     eval_workflow = RLVRWorkflow(gconfig=replace(cfg.gconfig, n_samples=1), tokenizer=tokenizer, scorer=scorer)
 
     # -- the loop -------------------------------------------------------------------------------
