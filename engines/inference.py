@@ -132,6 +132,11 @@ class LocalInferenceEngine:
         with torch.no_grad():
             self.model.load_state_dict(state_dict, strict=True)
 
+    def generate_blocking(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:
+        """`generate` on the engine's worker thread, for callers without an event loop
+        (evaluation); it queues behind any batch in progress."""
+        return self._worker.submit(self.generate, requests).result()
+
     def destroy(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
 

@@ -7,6 +7,8 @@ or rollouts.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,8 +17,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from engines.config import ActorConfig
+from engines.distributed import DistributedContext
+from engines.distributed_lock import DistributedLock
 from engines.factories import (
     build_ac_config,
     create_lr_scheduler,
@@ -83,6 +88,12 @@ class TrainEngine:
         max_sequence_tokens: the longest possible sequence (prompt + completion), tokens.
         temperature: sampling temperature, so recomputed logprobs match the sampler's.
         ref_model: frozen initial policy for the KL penalty (needed iff `cfg.kl_ctl > 0`).
+        dist_ctx: the data-parallel job this engine belongs to (default: one process).
+            With several ranks, each trains on its shard of the global batch through
+            `DistributedDataParallel`, which all-reduces gradients in the backward pass.
+
+    `engine_lock` (a `DistributedLock` across ranks, a thread lock in one process) is held
+    while weights are uploaded: `with engine.engine_lock: engine.upload_weights(...)`.
     """
 
     def __init__(
@@ -94,6 +105,7 @@ class TrainEngine:
         max_sequence_tokens: int,
         temperature: float,
         ref_model: Optional[nn.Module] = None,
+        dist_ctx: Optional[DistributedContext] = None,
     ):
         if cfg.kl_ctl > 0 and ref_model is None:
             raise ValueError("actor.kl_ctl > 0 needs a reference model")
@@ -103,7 +115,16 @@ class TrainEngine:
         self.temperature = temperature
         self.pad_to = validate_and_force_pad_to_maximum(cfg, max_sequence_tokens=max_sequence_tokens)
         build_ac_config(model, cfg.gradient_checkpointing)
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        dist_ctx = dist_ctx or DistributedContext()
+        self.world_size = dist_ctx.world_size
+        # DDP runs everywhere (gloo on CPU); FSDP2 would shard what a 135M model does
+        # not need sharded.
+        self.ddp = DistributedDataParallel(model) if self.world_size > 1 else None
+        self.engine_lock = (
+            DistributedLock("engine-weights", store=dist_ctx.store, rank=dist_ctx.rank)
+            if dist_ctx.store is not None
+            else threading.Lock()
+        )
         self.optimizer = create_optimizer(model.parameters(), cfg.optimizer)
         self.lr_scheduler = create_lr_scheduler(
             self.optimizer, cfg.optimizer, total_steps=total_steps * cfg.ppo_n_minibatches
@@ -177,6 +198,32 @@ class TrainEngine:
         model.train(was_training)
         return out
 
+    def _micro_batch_loss(self, mb: dict[str, torch.Tensor], num_tokens: float):
+        """Loss of one micro-batch, normalised by the minibatch's `num_tokens`; returns
+        (differentiable loss, PPO statistics, this micro-batch's share of the KL)."""
+        cfg = self.cfg
+        model = self.ddp if self.ddp is not None else self.model
+        logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature)
+        use_prox = cfg.use_decoupled_loss and "prox_logp" in mb
+        out = ppo_clipped_loss(
+            logp,
+            mb["logprobs"],
+            mb["advantages"],
+            mb["loss_mask"],
+            eps_clip=cfg.eps_clip,
+            num_loss_tokens=num_tokens,
+            proximal_logprobs=mb["prox_logp"] if use_prox else None,
+            behav_imp_weight_cap=cfg.behav_imp_weight_cap if use_prox else None,
+        )
+        loss, kl_value = out.loss, 0.0
+        if cfg.kl_ctl > 0:
+            # GRPO puts the KL term in the loss rather than in the reward
+            # (DeepSeekMath, arXiv 2402.03300, eq. 3).
+            kl = masked_mean(kl_penalty(logp, mb["ref_logp"], cfg.kl_estimator), mb["loss_mask"], num_tokens)
+            loss = loss + cfg.kl_ctl * kl
+            kl_value = kl.item()
+        return loss, out, kl_value
+
     def train_batch(self, batch: dict[str, torch.Tensor]) -> TrainStats:
         """One PPO/GRPO update on a batch, in `ppo_n_minibatches` optimizer steps.
 
@@ -221,41 +268,28 @@ class TrainEngine:
         totals = dict(loss=0.0, clip_fraction=0.0, importance_weight_mean=0.0, masked_fraction=0.0, kl=0.0)
         weight_max = 0.0
         local_tokens = float(mini["loss_mask"].sum())
-        for mb in self._micro_batches(mini):
-            logp = token_logprobs(self.model, mb["input_ids"], mb["attention_mask"], self.temperature)
-            use_prox = cfg.use_decoupled_loss and "prox_logp" in mb
-            out = ppo_clipped_loss(
-                logp,
-                mb["logprobs"],
-                mb["advantages"],
-                mb["loss_mask"],
-                eps_clip=cfg.eps_clip,
-                num_loss_tokens=num_tokens,
-                proximal_logprobs=mb["prox_logp"] if use_prox else None,
-                behav_imp_weight_cap=cfg.behav_imp_weight_cap if use_prox else None,
-            )
-            loss = out.loss
-            mb_tokens = float(mb["loss_mask"].sum())
-            if cfg.kl_ctl > 0:
-                # GRPO puts the KL term in the loss rather than in the reward
-                # (DeepSeekMath, arXiv 2402.03300, eq. 3).
-                kl = masked_mean(kl_penalty(logp, mb["ref_logp"], cfg.kl_estimator), mb["loss_mask"], num_tokens)
-                loss = loss + cfg.kl_ctl * kl
-                totals["kl"] += float(kl) * num_tokens
-            loss.backward()
+        micro_batches = self._micro_batches(mini)
+        for i, mb in enumerate(micro_batches):
+            # DDP all-reduces gradients on the last micro-batch's backward only.
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+            with sync:
+                loss, out, kl = self._micro_batch_loss(mb, num_tokens)
+                # The loss is already divided by the global token count, so the gradient
+                # we want is the sum over ranks; DDP averages, hence the factor.
+                (loss * self.world_size).backward()
             totals["loss"] += loss.item()
+            totals["kl"] += kl
+            mb_tokens = float(mb["loss_mask"].sum())
             share = mb_tokens / max(local_tokens, 1.0)
             totals["clip_fraction"] += float(out.clip_fraction) * share
             totals["importance_weight_mean"] += float(out.importance_weight_mean) * share
             totals["masked_fraction"] += float(out.masked_fraction) * share
             weight_max = max(weight_max, float(out.importance_weight_max))
         if self.world_size > 1:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-            loss_total = torch.tensor(totals["loss"])
-            dist.all_reduce(loss_total)
-            totals["loss"] = float(loss_total)
+            summed = torch.tensor([totals["loss"], totals["kl"]], dtype=torch.float64)
+            dist.all_reduce(summed)
+            totals["loss"], totals["kl"] = summed.tolist()
         max_norm = cfg.optimizer.gradient_clipping if cfg.optimizer.gradient_clipping > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
@@ -269,6 +303,6 @@ class TrainEngine:
             importance_weight_mean=totals["importance_weight_mean"],
             importance_weight_max=weight_max,
             masked_fraction=totals["masked_fraction"],
-            kl=totals["kl"] / max(num_tokens, 1.0),
+            kl=totals["kl"],
             num_loss_tokens=int(num_tokens),
         )

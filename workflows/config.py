@@ -36,6 +36,8 @@ class RolloutConfig:
     queue_size: int = 64
     reward_timeout: float = 10.0  # seconds per reward call before it scores 0
     reward_workers: int = 2
+    # Append every trained trajectory to `<run_dir>/trajectories/<version>.jsonl`.
+    dump_trajectories: bool = False
 
 
 @dataclass

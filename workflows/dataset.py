@@ -116,15 +116,36 @@ def load_prompt_dataset(cfg: DatasetConfig, tokenizer, split: Optional[str] = No
 class PromptLoader:
     """Batches of prompt rows, reshuffled each epoch from `seed + epoch`.
 
-    A plain torch DataLoader over a list with `collate_fn=list` would do the same; this
-    keeps the epoch/position explicit so a run can say where it is.
+    `batch_size` is the global batch; with `world_size > 1` each rank gets rows
+    `rank, rank + world_size, ...` of every global batch, so the ranks together see
+    exactly what one process would.
+
+    Raises:
+        ValueError: a batch larger than the dataset, or not divisible by `world_size`.
     """
 
-    def __init__(self, dataset: PromptDataset, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool = True):
+    def __init__(
+        self,
+        dataset: PromptDataset,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if batch_size > len(dataset):
             raise ValueError(f"dataset.batch_size={batch_size} exceeds the {len(dataset)} prompts available")
+        if batch_size % world_size:
+            raise ValueError(f"dataset.batch_size={batch_size} must be a multiple of the {world_size} replicas")
         self.dataset, self.batch_size, self.shuffle, self.seed, self.drop_last = dataset, batch_size, shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.world_size
 
     def steps_per_epoch(self) -> int:
         n = len(self.dataset)
@@ -137,4 +158,5 @@ class PromptLoader:
             order = torch.randperm(len(order), generator=generator).tolist()
         self.epoch += 1
         for start in range(0, self.steps_per_epoch() * self.batch_size, self.batch_size):
-            yield [self.dataset.rows[i] for i in order[start : start + self.batch_size]]
+            batch = order[start : start + self.batch_size]
+            yield [self.dataset.rows[i] for i in batch[self.rank :: self.world_size]]

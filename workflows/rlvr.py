@@ -25,6 +25,7 @@ class RLVRWorkflow:
         logprobs        [n, L] float32  behaviour logprob of each completion token, else 0
         versions        [n, L] long     policy version that sampled the token; -1 on prompt
         rewards         [n]    float32  1.0 correct, 0.0 otherwise
+        prompt_id       [n]    long     `data["id"]`, to keep batches in a stable order
 
     With `seed`, each prompt's group is sampled from its own seeded RNG (deterministic
     mode). An engine failure propagates; the rollout controller counts it as rejected.
@@ -46,7 +47,9 @@ class RLVRWorkflow:
         responses = await asyncio.gather(*(engine.agenerate(request) for _ in range(self.gconfig.n_samples)))
         texts = [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in responses]
         rewards = await asyncio.gather(*(self.scorer.ascore(t, data["answer"]) for t in texts))
-        return pack_trajectory(responses, rewards, pad_token_id=self.tokenizer.pad_token_id)
+        trajectory = pack_trajectory(responses, rewards, pad_token_id=self.tokenizer.pad_token_id)
+        trajectory["prompt_id"] = torch.full((len(responses),), int(data["id"]), dtype=torch.long)
+        return trajectory
 
 
 def pack_trajectory(

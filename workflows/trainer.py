@@ -3,17 +3,22 @@
     areal train config=gsm8k_grpo dataset.path=../shared/data/gsm8k trainer.total_steps=3
 
 Each step
-  1. takes a batch of prompts and samples `gconfig.n_samples` completions per prompt
-     with the inference engine, scoring each with the reward (workflows/rlvr.py);
+  1. takes `consumer_batch_size` scored prompt groups from the rollout controller
+     (workflows/executor.py), which keeps generating in the background within the
+     staleness bound `rollout.max_head_offpolicyness` (0: synchronous RL);
   2. turns rewards into group-normalised advantages (GRPO);
-  3. updates the policy with the clipped PPO objective (engines/train_engine.py);
-  4. copies the new weights into the inference engine and bumps the policy version;
-  5. logs one stats record, and saves a Hugging Face checkpoint when due.
+  3. optionally recomputes proximal logprobs (decoupled PPO, AReaL);
+  4. updates the policy with the clipped PPO objective (engines/train_engine.py);
+  5. pauses rollouts, copies the new weights into the inference engine, bumps the
+     policy version, resumes;
+  6. logs one stats record, and saves a Hugging Face checkpoint when due.
+
+With `WORLD_SIZE > 1` (see `areal launch`) every rank runs this loop on its shard of each
+global batch; gradients are all-reduced and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import time
@@ -27,16 +32,20 @@ import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from areal_cli.config import ExperimentConfig, to_yaml
+import torch.distributed as dist
+
+from engines.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engines.factories import setup_deterministic_mode
-from engines.inference import LocalInferenceEngine
+from engines.inference import GenerationRequest, LocalInferenceEngine
 from engines.model import load_model, load_tokenizer, resolve_model_dir
 from engines.ppo import group_normalized_advantages
 from engines.train_engine import TrainEngine
-from workflows.batch import concat_padded_tensors
+from workflows.batch import staleness_stats
 from workflows.dataset import PromptLoader, load_prompt_dataset
 from workflows.reward import RewardScorer
 from workflows.rlvr import RLVRWorkflow
-from workflows.stats import StatsLogger
+from workflows.executor import WorkflowExecutor
+from workflows.stats import NullStatsLogger, StatsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -55,39 +64,48 @@ def compute_advantages(batch: dict[str, torch.Tensor], cfg: ExperimentConfig) ->
     return adv[:, None] * batch["loss_mask"].float()
 
 
-def rollout_synchronously(workflow: RLVRWorkflow, engine, rows: list[dict]) -> tuple[list[dict], int]:
-    """Run one episode per prompt row concurrently; returns (trajectories, num_rejected).
-    A failing episode is rejected and counted, never raised."""
-
-    async def run_all():
-        return await asyncio.gather(*(workflow.arun_episode(engine, row) for row in rows), return_exceptions=True)
-
-    results = asyncio.run(run_all())
-    accepted = [r for r in results if isinstance(r, dict)]
-    for r in results:
-        if isinstance(r, BaseException):
-            logger.warning("rollout rejected: %r", r)
-    return accepted, len(results) - len(accepted)
+def sort_by_prompt(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Order a batch by prompt id (stable, so each group stays contiguous and in order):
+    the rollout controller returns groups in completion order, which varies run to run."""
+    order = torch.sort(batch["prompt_id"], stable=True).indices
+    return {k: v[order] for k, v in batch.items()}
 
 
-def batch_stats(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+def batch_stats(batch: dict[str, torch.Tensor], dist_ctx: DistributedContext) -> dict[str, float]:
+    """Reward, accuracy and length statistics of the global batch (all ranks)."""
+    rewards = batch["rewards"].float()
     lengths = batch["loss_mask"].sum(dim=1).float()
+    if dist_ctx.world_size > 1:
+        gathered: list = [None] * dist_ctx.world_size
+        dist.all_gather_object(gathered, (rewards.tolist(), lengths.tolist()))
+        rewards = torch.tensor([r for g in gathered for r in g[0]])
+        lengths = torch.tensor([n for g in gathered for n in g[1]])
     return {
-        "reward_mean": float(batch["rewards"].mean()),
-        "accuracy": float((batch["rewards"] >= 1.0).float().mean()),
+        "reward_mean": float(rewards.mean()),
+        "accuracy": float((rewards >= 1.0).float().mean()),
         "response_length_mean": float(lengths.mean()),
         "response_length_max": int(lengths.max()),
-        "num_sequences": int(batch["rewards"].numel()),
+        "num_sequences": int(rewards.numel()),
     }
 
 
-def evaluate(workflow: RLVRWorkflow, engine, rows: list[dict]) -> dict[str, float]:
+def evaluate(cfg: ExperimentConfig, inference: LocalInferenceEngine, scorer: RewardScorer, tokenizer, rows: list[dict]) -> dict:
     """Accuracy of one sampled completion per held-out prompt."""
-    trajectories, _ = rollout_synchronously(workflow, engine, rows)
-    if not trajectories:
-        return {"eval_accuracy": 0.0}
-    rewards = torch.cat([t["rewards"][:1] for t in trajectories])
-    return {"eval_accuracy": float((rewards >= 1.0).float().mean()), "eval_num_prompts": len(rows)}
+    g = replace(cfg.gconfig, n_samples=1)
+    correct = 0
+    for start in range(0, len(rows), g.max_batch_size):
+        chunk = rows[start : start + g.max_batch_size]
+        responses = inference.generate_blocking([GenerationRequest.from_gconfig(r["prompt_ids"], g) for r in chunk])
+        for row, response in zip(chunk, responses):
+            correct += scorer.score(tokenizer.decode(response.output_ids, skip_special_tokens=True), row["answer"])
+    return {"eval_accuracy": correct / max(len(rows), 1), "eval_num_prompts": len(rows)}
+
+
+def check_decoupled_config(cfg: ExperimentConfig) -> None:
+    if cfg.actor.use_decoupled_loss and not cfg.actor.recompute_logprob:
+        raise ValueError("actor.use_decoupled_loss=true needs actor.recompute_logprob=true (the proximal logprobs)")
+    if cfg.actor.behav_imp_weight_cap is not None and cfg.actor.behav_imp_weight_cap <= 1.0:
+        raise ValueError(f"actor.behav_imp_weight_cap={cfg.actor.behav_imp_weight_cap} must be > 1")
 
 
 def run_training(cfg: ExperimentConfig) -> Path:
@@ -97,10 +115,22 @@ def run_training(cfg: ExperimentConfig) -> Path:
     # interleave with them.
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    check_decoupled_config(cfg)
+    dist_ctx = init_distributed()
+    try:
+        return _train(cfg, dist_ctx)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
     run_dir = cfg.resolved_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    stats_logger = StatsLogger(run_dir / cfg.stats_logger.file_name, print_every=cfg.stats_logger.print_every)
+    if dist_ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        stats_logger = StatsLogger(run_dir / cfg.stats_logger.file_name, print_every=cfg.stats_logger.print_every)
+    else:
+        stats_logger = NullStatsLogger()
     setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
 
     # -- model, tokenizer, data ----------------------------------------------------------------
@@ -108,16 +138,23 @@ def run_training(cfg: ExperimentConfig) -> Path:
     tokenizer = load_tokenizer(model_dir)
     train_data = load_prompt_dataset(cfg.dataset, tokenizer)
     stats_logger.info(f"data: {train_data.report()}")
-    loader = PromptLoader(train_data, batch_size=cfg.dataset.batch_size, shuffle=cfg.dataset.shuffle, seed=cfg.seed)
+    loader = PromptLoader(
+        train_data,
+        batch_size=cfg.dataset.batch_size,
+        shuffle=cfg.dataset.shuffle,
+        seed=cfg.seed,
+        rank=dist_ctx.rank,
+        world_size=dist_ctx.world_size,
+    )
     total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * loader.steps_per_epoch()
     eval_rows: list[dict] = []
-    if cfg.trainer.eval_freq_steps > 0:
+    if cfg.trainer.eval_freq_steps > 0 and dist_ctx.is_main:
         eval_rows = load_prompt_dataset(cfg.dataset, tokenizer, split=cfg.dataset.eval_split).rows
         eval_rows = eval_rows[: cfg.dataset.max_eval_samples]
 
     policy = load_model(cfg.model, model_dir, seed=cfg.seed)
-    # The sampler owns its own copy so that, once rollouts run concurrently with
-    # training, generation never reads half-updated weights.
+    # The sampler owns its own copy so that generation, which runs while the trainer
+    # updates the policy, never reads half-updated weights.
     inference = LocalInferenceEngine(
         copy.deepcopy(policy),
         eos_token_id=tokenizer.eos_token_id,
@@ -131,70 +168,102 @@ def run_training(cfg: ExperimentConfig) -> Path:
         max_sequence_tokens=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens,
         temperature=cfg.gconfig.temperature,
         ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,
+        dist_ctx=dist_ctx,
     )
     scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
     sampling_seed = cfg.seed if cfg.actor.deterministic else None
     workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
-    eval_workflow = RLVRWorkflow(gconfig=replace(cfg.gconfig, n_samples=1), tokenizer=tokenizer, scorer=scorer)
+    executor = WorkflowExecutor(
+        cfg.rollout,
+        inference,
+        consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
+        trajectory_dump_dir=run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None,
+    )
+    if executor.trajectory_dump_dir is not None:
+        executor.trajectory_dump_dir.mkdir(parents=True, exist_ok=True)
 
     # -- the loop -------------------------------------------------------------------------------
-    batches = _forever(loader)
     progress = Progress(
         TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=stats_logger.console, transient=True,
+        console=stats_logger.console if dist_ctx.is_main else None, transient=True, disable=not dist_ctx.is_main,
     )
+    executor.initialize()
     try:
         with progress:
             task = progress.add_task("steps", total=total_steps)
             for step in range(1, total_steps + 1):
-                record = train_step(cfg, step, next(batches), workflow, inference, engine)
+                record = train_step(cfg, step, loader, workflow, executor, inference, engine, dist_ctx)
                 record["reward_failures"] = scorer.stats.num_failed
                 if eval_rows and step % cfg.trainer.eval_freq_steps == 0:
-                    record.update(evaluate(eval_workflow, inference, eval_rows))
+                    record.update(evaluate(cfg, inference, scorer, tokenizer, eval_rows))
                 stats_logger.log(record, total_steps=total_steps)
                 if cfg.trainer.save_freq_steps > 0 and step % cfg.trainer.save_freq_steps == 0 and step < total_steps:
-                    engine.save(run_dir / "checkpoints" / f"step_{step}", tokenizer)
+                    if dist_ctx.is_main:
+                        engine.save(run_dir / "checkpoints" / f"step_{step}", tokenizer)
                 progress.advance(task)
         final = run_dir / "checkpoints" / f"step_{total_steps}"
-        engine.save(final, tokenizer)
+        if dist_ctx.is_main:
+            engine.save(final, tokenizer)
         stats_logger.info(f"done: {total_steps} steps; checkpoint {final}; stats {stats_logger.path}")
     finally:
+        executor.destroy()
         scorer.close()
         inference.destroy()
     return run_dir
 
 
-def train_step(cfg: ExperimentConfig, step: int, rows: list[dict], workflow, inference, engine: TrainEngine) -> dict:
-    """One synchronous GRPO step; returns its stats record."""
+def train_step(
+    cfg: ExperimentConfig,
+    step: int,
+    loader: PromptLoader,
+    workflow: RLVRWorkflow,
+    executor: WorkflowExecutor,
+    inference: LocalInferenceEngine,
+    engine: TrainEngine,
+    dist_ctx: DistributedContext,
+) -> dict:
+    """One GRPO step at policy version `step - 1`; returns its stats record."""
     start = time.perf_counter()
     tokens_before = inference.num_generated_tokens
-    trajectories, num_rejected = rollout_synchronously(workflow, inference, rows)
-    gen_seconds = time.perf_counter() - start
-    if not trajectories:
-        raise RuntimeError(f"step {step}: every rollout failed; see the warnings above")
-    batch = concat_padded_tensors(trajectories)
+    batch = sort_by_prompt(executor.prepare_batch(loader, workflow))
+    wait_seconds = time.perf_counter() - start
+    version = engine.get_version()
+    staleness = staleness_stats(batch["versions"], batch["loss_mask"], version)
     batch["advantages"] = compute_advantages(batch, cfg)
     if cfg.actor.kl_ctl > 0:
         batch["ref_logp"] = engine.compute_logp(batch, model=engine.ref_model)
-    if cfg.actor.recompute_logprob or cfg.actor.use_decoupled_loss:
-        batch["prox_logp"] = engine.compute_logp(batch)
+    if cfg.actor.recompute_logprob:
+        prox_logp = engine.compute_logp(batch)
+        if cfg.actor.use_decoupled_loss:
+            batch["prox_logp"] = prox_logp
+        else:
+            # Plain PPO, with the current weights as the trust-region anchor.
+            batch["logprobs"] = prox_logp
     train = engine.train_batch(batch)
+
+    # Weight update: no rollout starts while the sampler's weights change; rollouts in
+    # flight finish with the version they started with (their tokens say so).
+    executor.pause()
+    with engine.engine_lock:
+        engine.upload_weights(inference)
     engine.set_version(step)
-    engine.upload_weights(inference)
     inference.set_version(step)
+    executor.resume()
+
+    rollout = executor.get_stats()
+    elapsed = time.perf_counter() - start
     return {
         "step": step,
         "version": step,
-        **batch_stats(batch),
+        **batch_stats(batch, dist_ctx),
         **asdict(train),
-        "rollouts_accepted": len(trajectories),
-        "rollouts_rejected": num_rejected,
-        "gen_tokens_per_s": (inference.num_generated_tokens - tokens_before) / max(gen_seconds, 1e-9),
-        "gen_time_s": gen_seconds,
-        "step_time_s": time.perf_counter() - start,
+        "staleness_max": int(staleness["max_lag"]),
+        "staleness_mean": staleness["mean_lag"],
+        "rollouts_accepted": rollout.accepted,
+        "rollouts_rejected": rollout.rejected,
+        "rollouts_running": rollout.running,
+        "capacity": executor.get_capacity(),
+        "gen_tokens_per_s": (inference.num_generated_tokens - tokens_before) / max(elapsed, 1e-9),
+        "rollout_wait_s": wait_seconds,
+        "step_time_s": elapsed,
     }
-
-
-def _forever(loader: PromptLoader):
-    while True:
-        yield from loader
