@@ -204,7 +204,7 @@ def launch(
         err.print("[yellow]interrupted: cancelling all replicas[/]")
         for handle in handles:
             executor.cancel(handle)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     write_results(run_dir, results)
     for result in results:
         if result.state is not ReplicaState.SUCCEEDED:
@@ -275,7 +275,7 @@ def make_executor(backend: str, *, run_dir: Path, options: dict[str, Any]) -> An
             return HFJobsExecutor(namespace=options.get("namespace"), fail_fast=options.get("fail_fast", True))
     except ImportError as exc:
         err.print(f"[bold red]error:[/] the {backend} backend needs its SDK ({exc.name}): pip install 'areal[cloud]'")
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1) from None
     _fail(f"unknown backend {backend!r} (local, modal, hf-jobs)")
 
 
@@ -286,7 +286,7 @@ def _validate_config(words: list[str]) -> None:
     except ConfigError as exc:
         err.print("[bold red]config error:[/]", end=" ")
         err.print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=2) from None
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:

@@ -44,7 +44,7 @@ def _resolve(args: list[str]):
     except ConfigError as exc:
         err.print("[bold red]config error:[/]", end=" ")
         err.print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=2) from None
 
 
 @app.command(context_settings=PASSTHROUGH)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from workflows.config import DatasetConfig
-from workflows.dataset import INSTRUCTION, PromptLoader, load_prompt_dataset, reference_answer
+from workflows.dataset import PromptLoader, load_prompt_dataset, reference_answer
 
 
 def test_reference_answer():
