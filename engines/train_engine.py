@@ -151,10 +151,47 @@ class TrainEngine:
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
+    def save_optimizer_state(self, path: Path) -> None:
+        """Write the optimizer and LR-scheduler state dicts and the policy version to one
+        `torch.save` file at `path` (for crash recovery; see workflows/recover.py)."""
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "version": self._version,
+            },
+            Path(path),
+        )
+
+    def load_optimizer_state(self, path: Path) -> int:
+        """Restore what `save_optimizer_state` wrote; returns the saved policy version
+        (not applied: the caller sets versions on every engine together).
+
+        Raises:
+            FileNotFoundError: no file at `path`.
+            ValueError: the state does not fit this optimizer (another model or
+                `actor.optimizer.type`).
+        """
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"optimizer state {path} does not fit this optimizer: {exc}") from exc
+        return int(state.get("version", 0))
+
     def load(self, path: Path) -> None:
-        """Load weights written by `save` into the current model."""
+        """Load weights written by `save` into the current model.
+
+        Raises:
+            FileNotFoundError: `path` holds no `*.safetensors` file.
+            ValueError: the weights do not match the model's parameters.
+        """
         state = {}
-        for file in sorted(Path(path).glob("*.safetensors")):
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        for file in files:
             state.update(load_file(file))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         # Tied embeddings are stored once; anything else missing is a real mismatch.

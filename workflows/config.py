@@ -46,6 +46,12 @@ class TrainerConfig:
     total_epochs: int = 1
     save_freq_steps: int = 0  # 0: save only at the end
     eval_freq_steps: int = 0  # 0: no evaluation
+    # Continue from `<run_dir>/checkpoints/recover/` when it holds a complete recover
+    # checkpoint; false starts from step 0 (and discards the run_dir's stats records).
+    resume: bool = True
+    # Steps between recover checkpoints (weights, optimizer, RNG, data position; see
+    # workflows/recover.py); None: same as save_freq_steps; 0: only at the end.
+    recover_freq_steps: Optional[int] = None
 
 
 @dataclass

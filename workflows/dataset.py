@@ -13,7 +13,6 @@ lack a question or a `####` answer, or whose prompt is longer than
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -113,12 +112,109 @@ def load_prompt_dataset(cfg: DatasetConfig, tokenizer, split: Optional[str] = No
     return out
 
 
+class TrainedPrompts:
+    """Which prompts have been trained, per epoch: the data position of a run.
+
+    A prompt is identified within an epoch by `(epoch, id)` (`id` is the row's `"id"`, its
+    index in the raw split). The trainer adds the ids of every batch right after the
+    optimizer step, so at a checkpoint this holds exactly the prompts whose gradient is in
+    the saved weights, whatever the rollout controller had already pulled from the loader
+    (in asynchronous mode it runs up to `max_head_offpolicyness` batches ahead).
+
+    Only epochs that are not yet complete keep their ids ("open" epochs): an epoch closes
+    when all `epoch_size` of its prompts are trained. An epoch with a prompt that was never
+    trained (its rollout was rejected or expired) stays open, so a resumed run regenerates
+    that prompt once; it is never trained twice. Epochs below `next_epoch` that are not
+    open are complete; no prompt of an epoch `>= next_epoch` has been trained.
+
+    Args:
+        epoch_size: prompts trained per complete epoch (`PromptLoader.epoch_size`).
+    """
+
+    def __init__(self, epoch_size: int):
+        if epoch_size < 1:
+            raise ValueError(f"epoch_size must be >= 1, got {epoch_size}")
+        self.epoch_size = epoch_size
+        self.next_epoch = 0
+        self._open: dict[int, set[int]] = {}
+
+    def add(self, epoch: int, prompt_id: int) -> bool:
+        """Mark `prompt_id` of `epoch` trained; False (and nothing changes) if it already was.
+
+        Raises:
+            ValueError: if `epoch < 0`.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch < self.next_epoch and epoch not in self._open:
+            return False  # a complete epoch: every prompt of it is already trained
+        for e in range(self.next_epoch, epoch + 1):
+            # Epochs skipped over (none of their prompts trained yet) stay open too.
+            self._open.setdefault(e, set())
+        self.next_epoch = max(self.next_epoch, epoch + 1)
+        trained = self._open[epoch]
+        if prompt_id in trained:
+            return False
+        trained.add(prompt_id)
+        if len(trained) >= self.epoch_size:
+            del self._open[epoch]
+        return True
+
+    def update(self, pairs) -> list[tuple[int, int]]:
+        """`add` every `(epoch, prompt_id)`; returns the pairs that were already trained."""
+        return [(int(e), int(i)) for e, i in pairs if not self.add(int(e), int(i))]
+
+    def is_trained(self, epoch: int, prompt_id: int) -> bool:
+        if epoch in self._open:
+            return prompt_id in self._open[epoch]
+        return epoch < self.next_epoch
+
+    @property
+    def open_epochs(self) -> dict[int, frozenset[int]]:
+        """`{epoch: ids trained so far}` for every incomplete epoch below `next_epoch`."""
+        return {e: frozenset(ids) for e, ids in sorted(self._open.items())}
+
+    def state_dict(self) -> dict:
+        """JSON-ready: `{"epoch_size", "next_epoch", "open": {"<epoch>": sorted ids}}`."""
+        return {
+            "epoch_size": self.epoch_size,
+            "next_epoch": self.next_epoch,
+            "open": {str(e): sorted(ids) for e, ids in sorted(self._open.items())},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, epoch_size: Optional[int] = None) -> "TrainedPrompts":
+        """Rebuild from `state_dict()`; `epoch_size` (default: the stored one) decides when
+        an epoch is complete from now on.
+
+        Raises:
+            ValueError: on a malformed state.
+        """
+        try:
+            out = cls(int(epoch_size if epoch_size is not None else state["epoch_size"]))
+            out.next_epoch = int(state["next_epoch"])
+            out._open = {int(e): {int(i) for i in ids} for e, ids in state["open"].items()}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed data position {str(state)[:200]!r}: {exc}") from exc
+        if any(e >= out.next_epoch or e < 0 for e in out._open):
+            raise ValueError(f"data position has open epochs {sorted(out._open)} outside [0, {out.next_epoch})")
+        return out
+
+
 class PromptLoader:
     """Batches of prompt rows, reshuffled each epoch from `seed + epoch`.
 
     `batch_size` is the global batch; with `world_size > 1` each rank gets rows
     `rank, rank + world_size, ...` of every global batch, so the ranks together see
-    exactly what one process would.
+    exactly what one process would. Every yielded row is a copy of the dataset row with
+    `"epoch"` added (the epoch it was drawn in, from 0), so that a trained prompt can be
+    told apart from the same prompt of the next epoch.
+
+    After `resume(trained)` the loader first re-iterates each open epoch of `trained` in
+    the same order as before (same `seed + epoch`) without the prompts already trained,
+    then continues with the epochs after `trained.next_epoch`. Every rank applies the same
+    skip to the same global order, so the ranks together still see each untrained prompt
+    exactly once. A resumed epoch's last batch may be short.
 
     Raises:
         ValueError: a batch larger than the dataset, or not divisible by `world_size`.
@@ -141,7 +237,8 @@ class PromptLoader:
             raise ValueError(f"dataset.batch_size={batch_size} must be a multiple of the {world_size} replicas")
         self.dataset, self.batch_size, self.shuffle, self.seed, self.drop_last = dataset, batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.epoch = 0  # the next epoch a fresh iteration starts
+        self._resume_plan: list[tuple[int, frozenset[int]]] = []
 
     @property
     def local_batch_size(self) -> int:
@@ -151,12 +248,39 @@ class PromptLoader:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[list[dict]]:
+    @property
+    def epoch_size(self) -> int:
+        """Prompts (all ranks together) yielded in one full epoch."""
+        return min(len(self.dataset), self.steps_per_epoch() * self.batch_size)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Row indices (into `dataset.rows`) of `epoch`, in the order they are yielded."""
         order = list(range(len(self.dataset)))
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(len(order), generator=generator).tolist()
-        self.epoch += 1
-        for start in range(0, self.steps_per_epoch() * self.batch_size, self.batch_size):
-            batch = order[start : start + self.batch_size]
-            yield [self.dataset.rows[i] for i in batch[self.rank :: self.world_size]]
+        return order[: self.epoch_size]
+
+    def resume(self, trained: TrainedPrompts) -> None:
+        """Continue after the prompts in `trained` (see the class docstring).
+
+        Takes effect at the next `iter(loader)`.
+        """
+        self._resume_plan = sorted(trained.open_epochs.items())
+        self.epoch = trained.next_epoch
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        if self._resume_plan:
+            epoch, skip = self._resume_plan.pop(0)
+        else:
+            epoch, skip = self.epoch, frozenset()
+            self.epoch += 1
+        rows = self.dataset.rows
+        order = [i for i in self.epoch_order(epoch) if rows[i]["id"] not in skip]
+        return self._batches(order, epoch)
+
+    def _batches(self, order: list[int], epoch: int) -> Iterator[list[dict]]:
+        for start in range(0, len(order), self.batch_size):
+            local = order[start : start + self.batch_size][self.rank :: self.world_size]
+            if local:
+                yield [{**self.dataset.rows[i], "epoch": epoch} for i in local]

@@ -11,16 +11,28 @@ Each step
   4. updates the policy with the clipped PPO objective (engines/train_engine.py);
   5. pauses rollouts, copies the new weights into the inference engine, bumps the
      policy version, resumes;
-  6. logs one stats record, and saves a Hugging Face checkpoint when due.
+  6. logs one stats record, and saves a Hugging Face checkpoint when due;
+  7. saves a recover checkpoint when due (every `trainer.recover_freq_steps`, default
+     `save_freq_steps`, and at the end).
+
+Crash recovery (workflows/recover.py): with `trainer.resume=true` (the default) a run
+whose `<run_dir>/checkpoints/recover/` holds a complete recover checkpoint continues from
+it: weights, optimizer and LR schedule, policy version, RNG states and the data position
+(which prompts of which epoch have been trained) are restored, `stats.jsonl` and the
+trajectory dumps are rolled back to the checkpoint, and no prompt is trained twice or
+dropped, also in asynchronous mode. Each stats record lists the prompts its step trained
+(`prompt_ids`, with their epochs in `prompt_epochs`).
 
 With `WORLD_SIZE > 1` (see `areal launch`) every rank runs this loop on its shard of each
-global batch; gradients are all-reduced and only rank 0 writes files.
+global batch; gradients are all-reduced and only rank 0 writes files. Every rank reads the
+same recover checkpoint, so `run_dir` must be on storage that all ranks see.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,12 +40,11 @@ from typing import Optional
 
 import datasets
 import torch
+import torch.distributed as dist
 import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from areal_cli.config import ExperimentConfig, to_yaml
-import torch.distributed as dist
-
 from engines.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engines.factories import setup_deterministic_mode
 from engines.inference import GenerationRequest, LocalInferenceEngine
@@ -41,10 +52,23 @@ from engines.model import load_model, load_tokenizer, resolve_model_dir
 from engines.ppo import group_normalized_advantages
 from engines.train_engine import TrainEngine
 from workflows.batch import staleness_stats
-from workflows.dataset import PromptLoader, load_prompt_dataset
+from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
+from workflows.executor import WorkflowExecutor
+from workflows.recover import (
+    EpochTaggingWorkflow,
+    RecoverInfo,
+    drop_trajectory_dumps,
+    find_recover_checkpoint,
+    inject_fault_after,
+    load_recover_checkpoint,
+    load_rng_state,
+    read_recover_info,
+    remove_stale_temporaries,
+    save_recover_checkpoint,
+    truncate_records,
+)
 from workflows.reward import RewardScorer
 from workflows.rlvr import RLVRWorkflow
-from workflows.executor import WorkflowExecutor
 from workflows.stats import NullStatsLogger, StatsLogger
 
 logger = logging.getLogger(__name__)
@@ -65,10 +89,26 @@ def compute_advantages(batch: dict[str, torch.Tensor], cfg: ExperimentConfig) ->
 
 
 def sort_by_prompt(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Order a batch by prompt id (stable, so each group stays contiguous and in order):
-    the rollout controller returns groups in completion order, which varies run to run."""
+    """Order a batch by (epoch, prompt id) (stable, so each group stays contiguous and in
+    order): the rollout controller returns groups in completion order, which varies run
+    to run."""
     order = torch.sort(batch["prompt_id"], stable=True).indices
+    if "epoch" in batch:
+        order = order[torch.sort(batch["epoch"][order], stable=True).indices]
     return {k: v[order] for k, v in batch.items()}
+
+
+def trained_prompts(batch: dict[str, torch.Tensor], dist_ctx: DistributedContext) -> list[tuple[int, int]]:
+    """Sorted distinct `(epoch, prompt_id)` of the global batch (all ranks); epoch 0 when
+    the batch carries no `epoch`."""
+    ids = batch["prompt_id"].tolist()
+    epochs = batch["epoch"].tolist() if "epoch" in batch else [0] * len(ids)
+    pairs = set(zip(epochs, ids))
+    if dist_ctx.world_size > 1:
+        gathered: list = [None] * dist_ctx.world_size
+        dist.all_gather_object(gathered, sorted(pairs))
+        pairs = {tuple(p) for g in gathered for p in g}
+    return sorted(pairs)
 
 
 def batch_stats(batch: dict[str, torch.Tensor], dist_ctx: DistributedContext) -> dict[str, float]:
@@ -123,15 +163,49 @@ def run_training(cfg: ExperimentConfig) -> Path:
         shutdown_distributed()
 
 
+def recover_due(cfg: ExperimentConfig, step: int, total_steps: int) -> bool:
+    """Whether a recover checkpoint is written after `step`: every
+    `trainer.recover_freq_steps` (None: `save_freq_steps`; 0: never) and at the last step."""
+    freq = cfg.trainer.recover_freq_steps
+    if freq is None:
+        freq = cfg.trainer.save_freq_steps
+    return step == total_steps or (freq > 0 and step % freq == 0)
+
+
+def _find_resume_point(cfg: ExperimentConfig, run_dir: Path, dist_ctx: DistributedContext, say) -> Optional[Path]:
+    """The recover checkpoint to continue from (None: start at step 0), agreed by all ranks."""
+    checkpoints = run_dir / "checkpoints"
+    found = find_recover_checkpoint(checkpoints)
+    if found is not None and not cfg.trainer.resume:
+        say(f"trainer.resume=false: ignoring the recover checkpoint at step {read_recover_info(found).step} "
+            f"({found.relative_to(run_dir)}); starting from step 0")
+        found = None
+    elif found is None:
+        say(f"no recover checkpoint in {checkpoints}; starting from step 0")
+    if dist_ctx.world_size > 1:
+        mine = read_recover_info(found).step if found is not None else -1
+        steps: list = [None] * dist_ctx.world_size
+        dist.all_gather_object(steps, mine)
+        if len(set(steps)) > 1:
+            raise RuntimeError(
+                f"ranks disagree on the recover checkpoint (steps by rank, -1 = none: {steps}); "
+                f"run_dir={run_dir} must be on storage every rank sees, or set trainer.resume=false"
+            )
+    return found
+
+
 def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
     run_dir = cfg.resolved_run_dir()
+    checkpoints = run_dir / "checkpoints"
     if dist_ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(checkpoints)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         stats_logger = StatsLogger(run_dir / cfg.stats_logger.file_name, print_every=cfg.stats_logger.print_every)
     else:
         stats_logger = NullStatsLogger()
     setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
+    resume_from = _find_resume_point(cfg, run_dir, dist_ctx, stats_logger.info)
 
     # -- model, tokenizer, data ----------------------------------------------------------------
     model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
@@ -172,13 +246,57 @@ def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
     )
     scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
     sampling_seed = cfg.seed if cfg.actor.deterministic else None
-    workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
+    workflow = EpochTaggingWorkflow(
+        RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
+    )
+    dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
     executor = WorkflowExecutor(
         cfg.rollout,
         inference,
         consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
-        trajectory_dump_dir=run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None,
+        trajectory_dump_dir=dump_dir,
     )
+
+    # -- resume, or start fresh -------------------------------------------------------------------
+    trained = TrainedPrompts(loader.epoch_size)
+    start_step, stats_records, reward_failures_before = 0, 0, 0
+    if resume_from is not None:
+        # The reference model (KL penalty) was copied above: it stays the initial policy.
+        info = load_recover_checkpoint(resume_from, engine, inference)
+        if info.num_prompts != len(train_data):
+            raise ValueError(
+                f"{resume_from} was written for {info.num_prompts} training prompts but dataset.path="
+                f"{cfg.dataset.path!r} has {len(train_data)}; resume with the same data or set trainer.resume=false"
+            )
+        if info.total_steps != total_steps:
+            logger.warning(
+                "the recover checkpoint was written for %d total steps, this run has %d: the LR schedule "
+                "continues from the saved state", info.total_steps, total_steps,
+            )
+        trained = TrainedPrompts.from_state_dict(info.data_position, epoch_size=loader.epoch_size)
+        loader.resume(trained)
+        start_step, stats_records, reward_failures_before = info.step, info.stats_records, info.reward_failures
+        stats_logger.info(f"resuming from step {start_step} ({resume_from.relative_to(run_dir)})")
+    if dist_ctx.is_main:
+        # Roll back what the crashed run wrote after its checkpoint (or, for a fresh start,
+        # everything an earlier run wrote here), so no step appears twice.
+        if resume_from is None:
+            # A fresh start supersedes an ignored checkpoint: resuming from it later would
+            # pair it with this run's stats and data.
+            for stale in (checkpoints / "recover", checkpoints / "recover.old"):
+                if stale.exists():
+                    shutil.rmtree(stale)
+                    stats_logger.info(f"removed the superseded recover checkpoint {stale}")
+        try:
+            dropped = truncate_records(stats_logger.path, stats_records)
+        except ValueError as exc:
+            logger.warning("stats not rolled back: %s", exc)
+            dropped = 0
+        if dropped:
+            what = f"after step {start_step}" if resume_from is not None else "by an earlier run (fresh start)"
+            stats_logger.info(f"dropped {dropped} stats record(s) written {what}")
+        if dump_dir is not None:
+            drop_trajectory_dumps(dump_dir, from_version=start_step)
     if executor.trajectory_dump_dir is not None:
         executor.trajectory_dump_dir.mkdir(parents=True, exist_ok=True)
 
@@ -188,21 +306,47 @@ def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
         console=stats_logger.console if dist_ctx.is_main else None, transient=True, disable=not dist_ctx.is_main,
     )
     executor.initialize()
+    # Before any rollout starts: the staleness capacity counts the batches already trained.
+    executor.staleness_manager.on_version_recovered(start_step)
+    if resume_from is not None:
+        # Last, after model construction and loading consumed randomness.
+        load_rng_state(resume_from)
+    final = checkpoints / f"step_{total_steps}"
     try:
         with progress:
-            task = progress.add_task("steps", total=total_steps)
-            for step in range(1, total_steps + 1):
+            task = progress.add_task("steps", total=total_steps, completed=start_step)
+            for step in range(start_step + 1, total_steps + 1):
                 record = train_step(cfg, step, loader, workflow, executor, inference, engine, dist_ctx)
-                record["reward_failures"] = scorer.stats.num_failed
+                duplicates = trained.update(zip(record["prompt_epochs"], record["prompt_ids"]))
+                if duplicates:
+                    logger.error("step %d trained (epoch, prompt id) pairs already trained: %s", step, duplicates)
+                record["reward_failures"] = reward_failures_before + scorer.stats.num_failed
                 if eval_rows and step % cfg.trainer.eval_freq_steps == 0:
                     record.update(evaluate(cfg, inference, scorer, tokenizer, eval_rows))
                 stats_logger.log(record, total_steps=total_steps)
+                stats_records += 1
+                inject_fault_after(step)
                 if cfg.trainer.save_freq_steps > 0 and step % cfg.trainer.save_freq_steps == 0 and step < total_steps:
                     if dist_ctx.is_main:
-                        engine.save(run_dir / "checkpoints" / f"step_{step}", tokenizer)
+                        engine.save(checkpoints / f"step_{step}", tokenizer)
+                if recover_due(cfg, step, total_steps) and dist_ctx.is_main:
+                    save_recover_checkpoint(
+                        checkpoints,
+                        engine,
+                        RecoverInfo(
+                            step=step,
+                            total_steps=total_steps,
+                            stats_records=stats_records,
+                            data_position=trained.state_dict(),
+                            num_prompts=len(train_data),
+                            world_size=dist_ctx.world_size,
+                            reward_failures=record["reward_failures"],
+                        ),
+                    )
                 progress.advance(task)
-        final = run_dir / "checkpoints" / f"step_{total_steps}"
-        if dist_ctx.is_main:
+        if start_step >= total_steps:
+            stats_logger.info(f"the recover checkpoint is at step {start_step} >= trainer.total_steps={total_steps}; nothing to train")
+        if dist_ctx.is_main and (start_step < total_steps or not final.exists()):
             engine.save(final, tokenizer)
         stats_logger.info(f"done: {total_steps} steps; checkpoint {final}; stats {stats_logger.path}")
     finally:
@@ -216,7 +360,7 @@ def train_step(
     cfg: ExperimentConfig,
     step: int,
     loader: PromptLoader,
-    workflow: RLVRWorkflow,
+    workflow,
     executor: WorkflowExecutor,
     inference: LocalInferenceEngine,
     engine: TrainEngine,
@@ -251,6 +395,7 @@ def train_step(
     executor.resume()
 
     rollout = executor.get_stats()
+    prompts = trained_prompts(batch, dist_ctx)
     elapsed = time.perf_counter() - start
     return {
         "step": step,
@@ -266,4 +411,6 @@ def train_step(
         "gen_tokens_per_s": (inference.num_generated_tokens - tokens_before) / max(elapsed, 1e-9),
         "rollout_wait_s": wait_seconds,
         "step_time_s": elapsed,
+        "prompt_ids": [i for _, i in prompts],
+        "prompt_epochs": [e for e, _ in prompts],
     }
