@@ -34,7 +34,7 @@ import copy
 import logging
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -194,20 +194,53 @@ def _find_resume_point(cfg: ExperimentConfig, run_dir: Path, dist_ctx: Distribut
     return found
 
 
-def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
+@dataclass
+class Run:
+    """The parts of one training run, built once by `build_run`."""
+
+    cfg: ExperimentConfig
+    dist_ctx: DistributedContext
+    run_dir: Path
+    stats_logger: StatsLogger
+    tokenizer: object
+    num_prompts: int
+    loader: PromptLoader
+    total_steps: int
+    eval_rows: list[dict]
+    inference: LocalInferenceEngine
+    engine: TrainEngine
+    scorer: RewardScorer
+    workflow: EpochTaggingWorkflow
+    executor: WorkflowExecutor
+    dump_dir: Optional[Path]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+@dataclass
+class Position:
+    """Where the loop starts: 0 for a fresh run, the recover checkpoint's step otherwise."""
+
+    step: int = 0
+    stats_records: int = 0
+    reward_failures: int = 0
+    trained: Optional[TrainedPrompts] = None
+
+
+def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
+    """Model, data, sampler, trainer, reward and rollout controller, from config."""
     run_dir = cfg.resolved_run_dir()
-    checkpoints = run_dir / "checkpoints"
     if dist_ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(checkpoints)
+        remove_stale_temporaries(run_dir / "checkpoints")
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         stats_logger = StatsLogger(run_dir / cfg.stats_logger.file_name, print_every=cfg.stats_logger.print_every)
     else:
         stats_logger = NullStatsLogger()
     setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
-    resume_from = _find_resume_point(cfg, run_dir, dist_ctx, stats_logger.info)
 
-    # -- model, tokenizer, data ----------------------------------------------------------------
     model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
     tokenizer = load_tokenizer(model_dir)
     train_data = load_prompt_dataset(cfg.dataset, tokenizer)
@@ -241,6 +274,7 @@ def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
         total_steps=total_steps,
         max_sequence_tokens=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens,
         temperature=cfg.gconfig.temperature,
+        # The reference model (KL penalty) is the initial policy, also after a resume.
         ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,
         dist_ctx=dist_ctx,
     )
@@ -256,104 +290,117 @@ def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
         consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
         trajectory_dump_dir=dump_dir,
     )
+    return Run(
+        cfg=cfg, dist_ctx=dist_ctx, run_dir=run_dir, stats_logger=stats_logger, tokenizer=tokenizer,
+        num_prompts=len(train_data), loader=loader, total_steps=total_steps, eval_rows=eval_rows,
+        inference=inference, engine=engine, scorer=scorer, workflow=workflow, executor=executor, dump_dir=dump_dir,
+    )
 
-    # -- resume, or start fresh -------------------------------------------------------------------
-    trained = TrainedPrompts(loader.epoch_size)
-    start_step, stats_records, reward_failures_before = 0, 0, 0
+
+def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:
+    """Load the recover checkpoint into the run's parts, or clear what an earlier run left;
+    either way roll `stats.jsonl` and the trajectory dumps back to the starting step, so no
+    step appears twice."""
+    position = Position(trained=TrainedPrompts(run.loader.epoch_size))
+    say = run.stats_logger.info
     if resume_from is not None:
-        # The reference model (KL penalty) was copied above: it stays the initial policy.
-        info = load_recover_checkpoint(resume_from, engine, inference)
-        if info.num_prompts != len(train_data):
+        info = load_recover_checkpoint(resume_from, run.engine, run.inference)
+        if info.num_prompts != run.num_prompts:
             raise ValueError(
                 f"{resume_from} was written for {info.num_prompts} training prompts but dataset.path="
-                f"{cfg.dataset.path!r} has {len(train_data)}; resume with the same data or set trainer.resume=false"
+                f"{run.cfg.dataset.path!r} has {run.num_prompts}; resume with the same data or set trainer.resume=false"
             )
-        if info.total_steps != total_steps:
+        if info.total_steps != run.total_steps:
             logger.warning(
                 "the recover checkpoint was written for %d total steps, this run has %d: the LR schedule "
-                "continues from the saved state", info.total_steps, total_steps,
+                "continues from the saved state", info.total_steps, run.total_steps,
             )
-        trained = TrainedPrompts.from_state_dict(info.data_position, epoch_size=loader.epoch_size)
-        loader.resume(trained)
-        start_step, stats_records, reward_failures_before = info.step, info.stats_records, info.reward_failures
-        stats_logger.info(f"resuming from step {start_step} ({resume_from.relative_to(run_dir)})")
-    if dist_ctx.is_main:
-        # Roll back what the crashed run wrote after its checkpoint (or, for a fresh start,
-        # everything an earlier run wrote here), so no step appears twice.
+        position = Position(
+            step=info.step,
+            stats_records=info.stats_records,
+            reward_failures=info.reward_failures,
+            trained=TrainedPrompts.from_state_dict(info.data_position, epoch_size=run.loader.epoch_size),
+        )
+        run.loader.resume(position.trained)
+        say(f"resuming from step {position.step} ({resume_from.relative_to(run.run_dir)})")
+    if run.dist_ctx.is_main:
         if resume_from is None:
             # A fresh start supersedes an ignored checkpoint: resuming from it later would
             # pair it with this run's stats and data.
-            for stale in (checkpoints / "recover", checkpoints / "recover.old"):
+            for stale in (run.checkpoints / "recover", run.checkpoints / "recover.old"):
                 if stale.exists():
                     shutil.rmtree(stale)
-                    stats_logger.info(f"removed the superseded recover checkpoint {stale}")
+                    say(f"removed the superseded recover checkpoint {stale}")
         try:
-            dropped = truncate_records(stats_logger.path, stats_records)
+            dropped = truncate_records(run.stats_logger.path, position.stats_records)
         except ValueError as exc:
             logger.warning("stats not rolled back: %s", exc)
             dropped = 0
         if dropped:
-            what = f"after step {start_step}" if resume_from is not None else "by an earlier run (fresh start)"
-            stats_logger.info(f"dropped {dropped} stats record(s) written {what}")
-        if dump_dir is not None:
-            drop_trajectory_dumps(dump_dir, from_version=start_step)
-    if executor.trajectory_dump_dir is not None:
-        executor.trajectory_dump_dir.mkdir(parents=True, exist_ok=True)
+            what = f"after step {position.step}" if resume_from is not None else "by an earlier run (fresh start)"
+            say(f"dropped {dropped} stats record(s) written {what}")
+        if run.dump_dir is not None:
+            drop_trajectory_dumps(run.dump_dir, from_version=position.step)
+            run.dump_dir.mkdir(parents=True, exist_ok=True)
+    return position
 
-    # -- the loop -------------------------------------------------------------------------------
+
+def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
+    run = build_run(cfg, dist_ctx)
+    resume_from = _find_resume_point(cfg, run.run_dir, dist_ctx, run.stats_logger.info)
+    position = restore_or_reset(run, resume_from)
+    engine, executor, stats_logger, total_steps = run.engine, run.executor, run.stats_logger, run.total_steps
+
     progress = Progress(
         TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=stats_logger.console if dist_ctx.is_main else None, transient=True, disable=not dist_ctx.is_main,
     )
     executor.initialize()
     # Before any rollout starts: the staleness capacity counts the batches already trained.
-    executor.staleness_manager.on_version_recovered(start_step)
+    executor.staleness_manager.on_version_recovered(position.step)
     if resume_from is not None:
         # Last, after model construction and loading consumed randomness.
         load_rng_state(resume_from)
-    final = checkpoints / f"step_{total_steps}"
+    final = run.checkpoints / f"step_{total_steps}"
     try:
         with progress:
-            task = progress.add_task("steps", total=total_steps, completed=start_step)
-            for step in range(start_step + 1, total_steps + 1):
-                record = train_step(cfg, step, loader, workflow, executor, inference, engine, dist_ctx)
-                duplicates = trained.update(zip(record["prompt_epochs"], record["prompt_ids"]))
+            task = progress.add_task("steps", total=total_steps, completed=position.step)
+            for step in range(position.step + 1, total_steps + 1):
+                record = train_step(cfg, step, run.loader, run.workflow, executor, run.inference, engine, dist_ctx)
+                duplicates = position.trained.update(zip(record["prompt_epochs"], record["prompt_ids"]))
                 if duplicates:
                     logger.error("step %d trained (epoch, prompt id) pairs already trained: %s", step, duplicates)
-                record["reward_failures"] = reward_failures_before + scorer.stats.num_failed
-                if eval_rows and step % cfg.trainer.eval_freq_steps == 0:
-                    record.update(evaluate(cfg, inference, scorer, tokenizer, eval_rows))
+                record["reward_failures"] = position.reward_failures + run.scorer.stats.num_failed
+                if run.eval_rows and step % cfg.trainer.eval_freq_steps == 0:
+                    record.update(evaluate(cfg, run.inference, run.scorer, run.tokenizer, run.eval_rows))
                 stats_logger.log(record, total_steps=total_steps)
-                stats_records += 1
+                position.stats_records += 1
                 inject_fault_after(step)
-                if cfg.trainer.save_freq_steps > 0 and step % cfg.trainer.save_freq_steps == 0 and step < total_steps:
-                    if dist_ctx.is_main:
-                        engine.save(checkpoints / f"step_{step}", tokenizer)
+                save_due = cfg.trainer.save_freq_steps > 0 and step % cfg.trainer.save_freq_steps == 0
+                if save_due and step < total_steps and dist_ctx.is_main:
+                    engine.save(run.checkpoints / f"step_{step}", run.tokenizer)
                 if recover_due(cfg, step, total_steps) and dist_ctx.is_main:
-                    save_recover_checkpoint(
-                        checkpoints,
-                        engine,
-                        RecoverInfo(
-                            step=step,
-                            total_steps=total_steps,
-                            stats_records=stats_records,
-                            data_position=trained.state_dict(),
-                            num_prompts=len(train_data),
-                            world_size=dist_ctx.world_size,
-                            reward_failures=record["reward_failures"],
-                        ),
+                    info = RecoverInfo(
+                        step=step,
+                        total_steps=total_steps,
+                        stats_records=position.stats_records,
+                        data_position=position.trained.state_dict(),
+                        num_prompts=run.num_prompts,
+                        world_size=dist_ctx.world_size,
+                        reward_failures=record["reward_failures"],
                     )
+                    save_recover_checkpoint(run.checkpoints, engine, info)
                 progress.advance(task)
-        if start_step >= total_steps:
-            stats_logger.info(f"the recover checkpoint is at step {start_step} >= trainer.total_steps={total_steps}; nothing to train")
-        if dist_ctx.is_main and (start_step < total_steps or not final.exists()):
-            engine.save(final, tokenizer)
+        if position.step >= total_steps:
+            stats_logger.info(f"the recover checkpoint is at step {position.step} >= trainer.total_steps={total_steps}; nothing to train")
+        if dist_ctx.is_main and (position.step < total_steps or not final.exists()):
+            engine.save(final, run.tokenizer)
         stats_logger.info(f"done: {total_steps} steps; checkpoint {final}; stats {stats_logger.path}")
     finally:
         executor.destroy()
-        scorer.close()
-        inference.destroy()
-    return run_dir
+        run.scorer.close()
+        run.inference.destroy()
+    return run.run_dir
 
 
 def train_step(
