@@ -35,7 +35,8 @@ def test_sigkill_of_one_replica_fails_the_launch_and_leaves_nothing_behind(tmp_p
     )
     executor = LocalProcessExecutor(tmp_path / "run", grace_period=2.0)
     handles = executor.launch_replicas(spec, 2)
-    wait_for(lambda: all((tmp_path / f"child{r}").exists() for r in range(2)))
+    # The pid files are written, not created atomically: wait for their content.
+    wait_for(lambda: all((tmp_path / f"child{r}").exists() and (tmp_path / f"child{r}").read_text().strip() for r in range(2)))
     wait_for(lambda: "working" in (tmp_path / "run" / "rank1.log").read_text())
     grandchildren = [int((tmp_path / f"child{r}").read_text()) for r in range(2)]
 
