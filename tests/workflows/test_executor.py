@@ -299,7 +299,7 @@ def test_destroy_cancels_in_flight_rollouts_promptly(engine):
     time.sleep(0.05)
     t0 = time.monotonic()
     executor.destroy()
-    assert time.monotonic() - t0 < 0.7
+    assert time.monotonic() - t0 < 0.5 + 1.0  # the rollouts would run for a minute
     stats = executor.get_stats()
     assert (stats.running, stats.rejected) == (0, 8)
     assert executor.rejection_counts == {"cancelled": 8}

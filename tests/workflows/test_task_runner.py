@@ -64,11 +64,13 @@ def test_duplicate_task_id_rejected_until_its_result_is_taken(runner):
 
 def test_wait_timeout_keeps_results_for_the_next_wait(runner):
     runner.submit(sleep_then, "quick")
-    runner.submit(sleep_then, "late", 0.3)
+    runner.submit(sleep_then, "late", 2.0)
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
         runner.wait(2, timeout=0.05)
-    assert time.monotonic() - t0 < 0.25
+    # Returned at its timeout, not when the late task finished (bounds leave room for a
+    # loaded CI machine; latency itself is measured in benchmarks/rollout_controller.py).
+    assert time.monotonic() - t0 < 1.0
     assert runner.get_output_queue_size() == 1
     assert [r.data for r in runner.wait(2, timeout=5)] == ["quick", "late"]
 
@@ -79,7 +81,7 @@ def test_waiter_is_woken_when_the_result_lands(runner):
     t0 = time.perf_counter()
     runner.wait(1, timeout=5)
     elapsed = time.perf_counter() - t0
-    assert 0.045 <= elapsed < 0.045 + 0.1
+    assert 0.045 <= elapsed < 0.045 + 0.5
 
 
 def test_wait_from_another_thread(runner):
@@ -196,7 +198,7 @@ def test_destroy_cancels_in_flight_tasks_within_its_timeout():
 
     t0 = time.monotonic()
     runner.destroy(timeout=0.5)
-    assert time.monotonic() - t0 < 0.5 + 0.2
+    assert time.monotonic() - t0 < 0.5 + 1.0  # the tasks would run for a minute
     assert not runner._thread.is_alive()
     assert runner.num_cancelled == 251
     results = runner.wait(251, timeout=0)
