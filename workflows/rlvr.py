@@ -26,6 +26,8 @@ class RLVRWorkflow:
         versions        [n, L] long     policy version that sampled the token; -1 on prompt
         rewards         [n]    float32  1.0 correct, 0.0 otherwise
         prompt_id       [n]    long     `data["id"]`, to keep batches in a stable order
+        epoch           [n]    long     `data["epoch"]` (set by `PromptLoader`; 0 if absent),
+                                        so crash recovery knows which epoch trained it
 
     With `seed`, each prompt's group is sampled from its own seeded RNG (deterministic
     mode). An engine failure propagates; the rollout controller counts it as rejected.
@@ -48,7 +50,9 @@ class RLVRWorkflow:
         texts = [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in responses]
         rewards = await asyncio.gather(*(self.scorer.ascore(t, data["answer"]) for t in texts))
         trajectory = pack_trajectory(responses, rewards, pad_token_id=self.tokenizer.pad_token_id)
-        trajectory["prompt_id"] = torch.full((len(responses),), int(data["id"]), dtype=torch.long)
+        n = len(responses)
+        trajectory["prompt_id"] = torch.full((n,), int(data["id"]), dtype=torch.long)
+        trajectory["epoch"] = torch.full((n,), int(data.get("epoch", 0)), dtype=torch.long)
         return trajectory
 
 

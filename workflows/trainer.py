@@ -55,7 +55,6 @@ from workflows.batch import staleness_stats
 from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
 from workflows.executor import WorkflowExecutor
 from workflows.recover import (
-    EpochTaggingWorkflow,
     RecoverInfo,
     drop_trajectory_dumps,
     find_recover_checkpoint,
@@ -93,17 +92,13 @@ def sort_by_prompt(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     order): the rollout controller returns groups in completion order, which varies run
     to run."""
     order = torch.sort(batch["prompt_id"], stable=True).indices
-    if "epoch" in batch:
-        order = order[torch.sort(batch["epoch"][order], stable=True).indices]
+    order = order[torch.sort(batch["epoch"][order], stable=True).indices]
     return {k: v[order] for k, v in batch.items()}
 
 
 def trained_prompts(batch: dict[str, torch.Tensor], dist_ctx: DistributedContext) -> list[tuple[int, int]]:
-    """Sorted distinct `(epoch, prompt_id)` of the global batch (all ranks); epoch 0 when
-    the batch carries no `epoch`."""
-    ids = batch["prompt_id"].tolist()
-    epochs = batch["epoch"].tolist() if "epoch" in batch else [0] * len(ids)
-    pairs = set(zip(epochs, ids))
+    """Sorted distinct `(epoch, prompt_id)` of the global batch (all ranks)."""
+    pairs = set(zip(batch["epoch"].tolist(), batch["prompt_id"].tolist()))
     if dist_ctx.world_size > 1:
         gathered: list = [None] * dist_ctx.world_size
         dist.all_gather_object(gathered, sorted(pairs))
@@ -210,7 +205,7 @@ class Run:
     inference: LocalInferenceEngine
     engine: TrainEngine
     scorer: RewardScorer
-    workflow: EpochTaggingWorkflow
+    workflow: RLVRWorkflow
     executor: WorkflowExecutor
     dump_dir: Optional[Path]
 
@@ -280,9 +275,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
     )
     scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
     sampling_seed = cfg.seed if cfg.actor.deterministic else None
-    workflow = EpochTaggingWorkflow(
-        RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
-    )
+    workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
     dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
     executor = WorkflowExecutor(
         cfg.rollout,

@@ -11,7 +11,6 @@ import torch
 
 from workflows.dataset import PromptDataset, PromptLoader, TrainedPrompts
 from workflows.recover import (
-    EpochTaggingWorkflow,
     RecoverInfo,
     atomic_directory,
     capture_rng_state,
@@ -123,18 +122,6 @@ def test_resumed_ranks_split_the_untrained_prompts_without_overlap(world_size):
     union = [p for rank_rows in seen for p in rank_rows]
     assert sorted(union) == sorted(p for p in epoch0 if not trained.is_trained(*p))
     assert len(set(union)) == len(union)
-
-
-def test_epoch_tag_reaches_the_trajectory():
-    import asyncio
-
-    class Inner:
-        async def arun_episode(self, engine, data):
-            return {"prompt_id": torch.full((3,), data["id"])}
-
-    out = asyncio.run(EpochTaggingWorkflow(Inner()).arun_episode(None, {"id": 7, "epoch": 2}))
-    assert out["epoch"].tolist() == [2, 2, 2] and out["epoch"].dtype == torch.long
-    assert "epoch" not in asyncio.run(EpochTaggingWorkflow(Inner()).arun_episode(None, {"id": 7}))
 
 
 # -- atomic checkpoints ------------------------------------------------------------------------
