@@ -122,6 +122,8 @@ def _explain(exc: Exception) -> str:
     first_line = text.splitlines()[0] if text else type(root).__name__
     if full_key and "not in" in text:
         return _unknown_key_message(full_key)
+    if full_key and "does not support deletion" in text:
+        return f"'~{full_key}': keys of the schema cannot be deleted; set {full_key}=null to clear an optional one"
     if full_key:
         return f"bad value for config key {full_key!r}: {first_line}"
     return first_line

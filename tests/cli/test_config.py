@@ -42,6 +42,7 @@ def test_help_lists_commands():
         (["+actor.optimizer.lrr=1"], "did you mean 'lr'"),
         (["dataset.batchsize=3"], "did you mean 'batch_size'"),
         (["seed=notanint"], "'seed'"),
+        (["~trainer.total_steps"], "trainer.total_steps=null"),
     ],
 )
 def test_bad_overrides_are_refused(overrides, fragment):
