@@ -70,8 +70,8 @@ class ActorConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gradient_checkpointing: bool = False
     deterministic: bool = False
-    # Pad every micro-batch to `max_tokens_per_mb` tokens (static shapes for compilers
-    # and deterministic kernels).
+    # Right-pad every sequence to dataset.max_prompt_length + gconfig.max_new_tokens
+    # (static shapes at every step); deterministic mode turns it on.
     pad_to_maximum: bool = False
     max_tokens_per_mb: int = 8192  # tokens per micro-batch (prompt + completion)
     ppo_n_minibatches: int = 1  # optimizer steps per training batch

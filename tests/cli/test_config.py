@@ -65,3 +65,20 @@ def test_unknown_config_name_suggests():
 def test_missing_config_word():
     with pytest.raises(ConfigError, match="config=NAME"):
         split_cli_args(["trainer.total_steps=3"])
+
+
+def test_configuration_reference_lists_every_key():
+    """docs/configuration.md documents each key of the schema (and nothing stale)."""
+    import dataclasses
+    import re
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                yield from keys(type(default), prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+
+    documented = set(re.findall(r"^\| `([\w.]+)` \|", (REPO / "docs" / "configuration.md").read_text(), re.M))
+    assert documented == set(keys(ExperimentConfig))
