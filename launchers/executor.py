@@ -266,6 +266,38 @@ def record_sdk_call(calls: list[tuple[str, dict[str, Any]]], name: str, fn: Call
     return fn(*args, **kwargs)
 
 
+class PollingCollect:
+    """`collect` for executors that learn replica states by polling.
+
+    A subclass provides `poll_interval` (seconds), `fail_fast` and, to say more than the
+    status message, `_failure_detail(handle, status)`.
+    """
+
+    poll_interval: float
+    fail_fast: bool
+
+    def _failure_detail(self, handle: ReplicaHandle, status: ReplicaStatus) -> str:
+        return f"rank {handle.rank}: {status.message or 'failed'}"
+
+    def collect(
+        self,
+        handles: list[ReplicaHandle],
+        timeout: float,
+        *,
+        on_update: Callable[[list[ReplicaHandle], list[ReplicaStatus]], None] | None = None,
+    ) -> list[ReplicaResult]:
+        """Wait up to `timeout` seconds; results in rank order (see `collect_by_polling`)."""
+        return collect_by_polling(
+            self,  # type: ignore[arg-type]
+            handles,
+            timeout,
+            poll_interval=self.poll_interval,
+            fail_fast=self.fail_fast,
+            failure_detail=self._failure_detail,
+            on_update=on_update,
+        )
+
+
 def collect_by_polling(
     executor: ServerlessExecutor,
     handles: list[ReplicaHandle],

@@ -30,13 +30,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from launchers.executor import (
+    PollingCollect,
     ReplicaHandle,
-    ReplicaResult,
     ReplicaSpec,
     ReplicaState,
     ReplicaStatus,
     check_n_replicas,
-    collect_by_polling,
     failure_text,
     rank_env,
     record_sdk_call,
@@ -68,7 +67,7 @@ def valid_flavors() -> list[str]:
     return [flavor.value for flavor in JobHardware]
 
 
-class HFJobsExecutor:
+class HFJobsExecutor(PollingCollect):
     """Runs each replica as a Hugging Face Job.
 
     Args:
@@ -217,26 +216,6 @@ class HFJobsExecutor:
         if self.poll(handle).state.terminal:
             return
         record_sdk_call(self.sdk_calls, "huggingface_hub.HfApi.cancel_job", self.client.cancel_job, **self._ids(handle))
-
-    def collect(
-        self,
-        handles: list[ReplicaHandle],
-        timeout: float,
-        *,
-        on_update: Callable[[list[ReplicaHandle], list[ReplicaStatus]], None] | None = None,
-    ) -> list[ReplicaResult]:
-        """Wait up to `timeout` seconds; results in rank order (see `collect_by_polling`)."""
-        return collect_by_polling(
-            self,
-            handles,
-            timeout,
-            poll_interval=self.poll_interval,
-            fail_fast=self.fail_fast,
-            failure_detail=self._failure_detail,
-            on_update=on_update,
-        )
-
-    # -- internals ----------------------------------------------------------------------
 
     def log_tail(self, handle: ReplicaHandle, n: int = 20) -> str:
         try:

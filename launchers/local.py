@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from launchers.executor import (
+    PollingCollect,
     ReplicaHandle,
     ReplicaResult,
     ReplicaSpec,
     ReplicaState,
     ReplicaStatus,
     check_n_replicas,
-    collect_by_polling,
     failure_text,
     rank_env,
     read_results,
@@ -46,7 +46,7 @@ def find_free_port(host: str = LOCAL_MASTER_ADDR) -> int:
         return sock.getsockname()[1]
 
 
-class LocalProcessExecutor:
+class LocalProcessExecutor(PollingCollect):
     """Runs each replica as a local subprocess.
 
     Args:
@@ -222,15 +222,7 @@ class LocalProcessExecutor:
         running at the timeout are cancelled and reported failed. Results are also
         written to `<run_dir>/results.json`.
         """
-        results = collect_by_polling(
-            self,
-            handles,
-            timeout,
-            poll_interval=self.poll_interval,
-            fail_fast=self.fail_fast,
-            failure_detail=self._failure_detail,
-            on_update=on_update,
-        )
+        results = super().collect(handles, timeout, on_update=on_update)
         write_results(self.run_dir, results)
         return results
 

@@ -33,13 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from launchers.executor import (
+    PollingCollect,
     ReplicaHandle,
-    ReplicaResult,
     ReplicaSpec,
     ReplicaState,
     ReplicaStatus,
     check_n_replicas,
-    collect_by_polling,
     failure_text,
     rank_env,
     record_sdk_call,
@@ -114,7 +113,7 @@ def make_replica_function() -> Callable[[list[str], dict[str, str], bool], dict[
     return areal_replica
 
 
-class ModalExecutor:
+class ModalExecutor(PollingCollect):
     """Runs replicas as Modal function calls.
 
     Args:
@@ -319,24 +318,6 @@ class ModalExecutor:
         call = self._call(handle)
         record_sdk_call(self.sdk_calls, "modal.FunctionCall.cancel", call.cancel, terminate_containers=True)
         self._cancelled.add(handle.remote_id)
-
-    def collect(
-        self,
-        handles: list[ReplicaHandle],
-        timeout: float,
-        *,
-        on_update: Callable[[list[ReplicaHandle], list[ReplicaStatus]], None] | None = None,
-    ) -> list[ReplicaResult]:
-        """Wait up to `timeout` seconds; results in rank order (see `collect_by_polling`)."""
-        return collect_by_polling(
-            self,
-            handles,
-            timeout,
-            poll_interval=self.poll_interval,
-            fail_fast=self.fail_fast,
-            failure_detail=lambda h, s: f"rank {h.rank}: {s.message or 'failed'}",
-            on_update=on_update,
-        )
 
     def _call(self, handle: ReplicaHandle) -> Any:
         return record_sdk_call(
