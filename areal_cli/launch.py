@@ -34,7 +34,7 @@ from rich.live import Live
 from rich.table import Table
 from typer.core import TyperGroup
 
-from areal_cli.config import ConfigError, load_config, split_cli_args
+from areal_cli.console import err, resolve_or_exit
 from launchers.executor import (
     ReplicaHandle,
     ReplicaSpec,
@@ -54,7 +54,6 @@ COLLECT_SLACK_S = 600.0
 PASSTHROUGH_KEY = "areal.launch.words"
 _CREDENTIAL_NAME = re.compile(r"(^|_)(TOKEN|SECRET|KEY|APIKEY|PASSWORD|PASSWD|CREDENTIALS?)S?(_|$)", re.IGNORECASE)
 
-err = Console(stderr=True, soft_wrap=True)
 
 
 class Backend(str, enum.Enum):
@@ -134,7 +133,7 @@ def launch(
     late = [w for w in words if w.startswith("-")]
     if late:
         _fail(f"launch options go before the config words: move {' '.join(late)} before config=...")
-    _validate_config(words)
+    resolve_or_exit(words)  # a config mistake exits 2 before any replica starts
 
     env_vars = _parse_env(env)
     secret_values = {}
@@ -277,16 +276,6 @@ def make_executor(backend: str, *, run_dir: Path, options: dict[str, Any]) -> An
         err.print(f"[bold red]error:[/] the {backend} backend needs its SDK ({exc.name}): pip install 'areal[cloud]'")
         raise typer.Exit(code=1) from None
     _fail(f"unknown backend {backend!r} (local, modal, hf-jobs)")
-
-
-def _validate_config(words: list[str]) -> None:
-    try:
-        name, overrides = split_cli_args(words)
-        load_config(name, overrides)
-    except ConfigError as exc:
-        err.print("[bold red]config error:[/]", end=" ")
-        err.print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(code=2) from None
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:

@@ -17,7 +17,8 @@ import typer
 from rich.console import Console
 from rich.syntax import Syntax
 
-from areal_cli.config import ConfigError, load_config, split_cli_args, to_yaml
+from areal_cli.config import to_yaml
+from areal_cli.console import resolve_or_exit
 from areal_cli.launch import launch_app
 
 app = typer.Typer(
@@ -30,27 +31,16 @@ config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(launch_app, name="launch")
 
-err = Console(stderr=True, soft_wrap=True)
 ARGS_HELP = "config=NAME followed by Hydra overrides such as trainer.total_steps=3"
 # Typer would treat "config=..." as an option value otherwise; these settings hand every
 # remaining word to the command.
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _resolve(args: list[str]):
-    try:
-        name, overrides = split_cli_args(args)
-        return load_config(name, overrides)
-    except ConfigError as exc:
-        err.print("[bold red]config error:[/]", end=" ")
-        err.print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(code=2) from None
-
-
 @app.command(context_settings=PASSTHROUGH)
 def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False)) -> None:
     """Run GRPO training in this process (see `areal launch` for several replicas)."""
-    cfg = _resolve(args or [])
+    cfg = resolve_or_exit(args or [])
     from workflows.trainer import run_training  # heavy imports only when training
 
     run_training(cfg)
@@ -59,7 +49,7 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
 @config_app.command("show", context_settings=PASSTHROUGH)
 def config_show(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False)) -> None:
     """Print the resolved config as YAML."""
-    cfg = _resolve(args or [])
+    cfg = resolve_or_exit(args or [])
     Console().print(Syntax(to_yaml(cfg), "yaml", background_color="default"))
 
 

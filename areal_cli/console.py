@@ -1,0 +1,23 @@
+"""What every `areal` command shares: the error console and turning config words into a
+typed config or a clean exit with status 2."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from areal_cli.config import ConfigError, ExperimentConfig, load_config, split_cli_args
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def resolve_or_exit(words: list[str]) -> ExperimentConfig:
+    """`config=NAME` plus overrides -> ExperimentConfig; on a ConfigError print it and
+    exit with status 2 (typer.Exit)."""
+    try:
+        name, overrides = split_cli_args(words)
+        return load_config(name, overrides)
+    except ConfigError as exc:
+        err.print("[bold red]config error:[/]", end=" ")
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(code=2) from None
