@@ -56,10 +56,14 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, kind: str, 
     elif kind == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(
-            f"actor.optimizer.lr_scheduler_type={kind!r} is not supported; valid types: {', '.join(LR_SCHEDULERS)}"
-        )
+        raise _unknown_scheduler(kind)
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def _unknown_scheduler(kind: str) -> ValueError:
+    return ValueError(
+        f"actor.optimizer.lr_scheduler_type={kind!r} is not supported; valid types: {', '.join(LR_SCHEDULERS)}"
+    )
 
 
 def create_lr_scheduler(
@@ -71,7 +75,7 @@ def create_lr_scheduler(
         ValueError: unknown `cfg.lr_scheduler_type`, or a `min_lr_ratio` outside [0, 1].
     """
     if cfg.lr_scheduler_type not in LR_SCHEDULERS:
-        lr_multiplier(1, total_steps=2, warmup_steps=0, kind=cfg.lr_scheduler_type, min_lr_ratio=0.0)
+        raise _unknown_scheduler(cfg.lr_scheduler_type)
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError(f"actor.optimizer.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
     warmup_steps = int(cfg.warmup_steps_proportion * total_steps)
