@@ -121,12 +121,11 @@ def ppo_clipped_loss(
     surrogate = torch.minimum(ratio * advantages, clipped_ratio * advantages)
     clipped = ((ratio - clipped_ratio).abs() > 0).float()
 
+    kept = mask
     if proximal_logprobs is None:
         weight = torch.ones_like(mask)
-        kept = mask
     else:
         weight = torch.exp(proximal_logprobs.detach() - old_logprobs.detach())
-        kept = mask
         if behav_imp_weight_cap is not None:
             kept = mask * (weight <= behav_imp_weight_cap).float()
     loss = -masked_mean(surrogate * weight, kept, num_loss_tokens)
