@@ -201,7 +201,9 @@ class TrainEngine:
 
     # -- computation ----------------------------------------------------------------------------
 
-    def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(row indices, micro-batch) pairs within the token budget; 2-D tensors are cut
+        to the longest sequence, or padded to `pad_to` with `pad_to_maximum`."""
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         groups = split_micro_batches(lengths, self.cfg.max_tokens_per_mb, self.pad_to)
         out = []
@@ -213,7 +215,7 @@ class TrainEngine:
                 if v.dim() == 2:
                     v = v[:, :width] if v.shape[1] >= width else torch.nn.functional.pad(v, (0, width - v.shape[1]))
                 mb[k] = v
-            out.append(mb)
+            out.append((idx, mb))
         return out
 
     @torch.no_grad()
@@ -225,13 +227,12 @@ class TrainEngine:
         model.eval()
         B, L = batch["input_ids"].shape
         out = torch.zeros(B, L, dtype=torch.float32)
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        for idx in split_micro_batches(lengths, self.cfg.max_tokens_per_mb, self.pad_to):
-            width = min(L, max(lengths[i] for i in idx))
-            logp = token_logprobs(
-                model, batch["input_ids"][idx, :width], batch["attention_mask"][idx, :width], self.temperature
-            )
-            out[idx, :width] = logp
+        # The same micro-batches (and shapes) as the training forward pass.
+        tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        for idx, mb in self._micro_batches(tokens):
+            logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature)
+            width = min(L, logp.shape[1])
+            out[idx, :width] = logp[:, :width]
         model.train(was_training)
         return out
 
@@ -305,7 +306,7 @@ class TrainEngine:
         totals = dict(loss=0.0, clip_fraction=0.0, importance_weight_mean=0.0, masked_fraction=0.0, kl=0.0)
         weight_max = 0.0
         local_tokens = float(mini["loss_mask"].sum())
-        micro_batches = self._micro_batches(mini)
+        micro_batches = [mb for _, mb in self._micro_batches(mini)]
         for i, mb in enumerate(micro_batches):
             # DDP all-reduces gradients on the last micro-batch's backward only.
             last = i == len(micro_batches) - 1
