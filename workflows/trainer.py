@@ -96,25 +96,30 @@ def sort_by_prompt(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[order] for k, v in batch.items()}
 
 
-def trained_prompts(batch: dict[str, torch.Tensor], dist_ctx: DistributedContext) -> list[tuple[int, int]]:
-    """Sorted distinct `(epoch, prompt_id)` of the global batch (all ranks)."""
-    pairs = set(zip(batch["epoch"].tolist(), batch["prompt_id"].tolist()))
+def gather_sequences(batch: dict[str, torch.Tensor], dist_ctx: DistributedContext) -> dict[str, torch.Tensor]:
+    """Per-sequence columns of the global batch, all ranks in rank order, in one collective:
+    `rewards` and `lengths` (completion tokens) float32 [B], `epoch` and `prompt_id` long [B]."""
+    columns = {
+        "rewards": batch["rewards"].float(),
+        "lengths": batch["loss_mask"].sum(dim=1).float(),
+        "epoch": batch["epoch"],
+        "prompt_id": batch["prompt_id"],
+    }
     if dist_ctx.world_size > 1:
         gathered: list = [None] * dist_ctx.world_size
-        dist.all_gather_object(gathered, sorted(pairs))
-        pairs = {tuple(p) for g in gathered for p in g}
-    return sorted(pairs)
+        dist.all_gather_object(gathered, {k: v.tolist() for k, v in columns.items()})
+        columns = {k: torch.tensor([x for g in gathered for x in g[k]], dtype=v.dtype) for k, v in columns.items()}
+    return columns
 
 
-def batch_stats(batch: dict[str, torch.Tensor], dist_ctx: DistributedContext) -> dict[str, float]:
-    """Reward, accuracy and length statistics of the global batch (all ranks)."""
-    rewards = batch["rewards"].float()
-    lengths = batch["loss_mask"].sum(dim=1).float()
-    if dist_ctx.world_size > 1:
-        gathered: list = [None] * dist_ctx.world_size
-        dist.all_gather_object(gathered, (rewards.tolist(), lengths.tolist()))
-        rewards = torch.tensor([r for g in gathered for r in g[0]])
-        lengths = torch.tensor([n for g in gathered for n in g[1]])
+def trained_prompts(sequences: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    """Sorted distinct `(epoch, prompt_id)` of `gather_sequences`' output."""
+    return sorted(set(zip(sequences["epoch"].tolist(), sequences["prompt_id"].tolist())))
+
+
+def batch_stats(sequences: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Reward, accuracy and length statistics of `gather_sequences`' output."""
+    rewards, lengths = sequences["rewards"], sequences["lengths"]
     return {
         "reward_mean": float(rewards.mean()),
         "accuracy": float((rewards >= 1.0).float().mean()),
@@ -435,12 +440,13 @@ def train_step(
     executor.resume()
 
     rollout = executor.get_stats()
-    prompts = trained_prompts(batch, dist_ctx)
+    sequences = gather_sequences(batch, dist_ctx)
+    prompts = trained_prompts(sequences)
     elapsed = time.perf_counter() - start
     return {
         "step": step,
         "version": step,
-        **batch_stats(batch, dist_ctx),
+        **batch_stats(sequences),
         **asdict(train),
         "staleness_max": int(staleness["max_lag"]),
         "staleness_mean": staleness["mean_lag"],
