@@ -17,10 +17,12 @@ from typing import Any, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import ConfigCompositionException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from areal_cli.validation import ConfigError, check_config
 from engines.config import ActorConfig, GenerationConfig, ModelConfig
 from workflows.config import DatasetConfig, RolloutConfig, StatsLoggerConfig, TrainerConfig
 
@@ -55,10 +57,6 @@ SCHEMA_NAME = "areal_schema"
 ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
 
 
-class ConfigError(ValueError):
-    """A config name, key or value the user must fix; the message says what to change."""
-
-
 def config_dir() -> Path:
     """The Hydra config tree: $AREAL_CONFIG_DIR, else `configs/` at the repository root."""
     return Path(os.environ.get("AREAL_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
@@ -78,30 +76,81 @@ def split_cli_args(args: list[str]) -> tuple[str, list[str]]:
     return name, overrides
 
 
-def load_config(name: str, overrides: list[str] = ()) -> ExperimentConfig:
-    """Compose `configs/<name>.yaml` with `overrides` into a typed ExperimentConfig.
+def load_config(
+    name: str, overrides: list[str] = (), *, world_size: Optional[int] = None, check_paths: bool = True
+) -> ExperimentConfig:
+    """Compose a config with `overrides` into a typed, checked ExperimentConfig.
+
+    `name` is a shipped config (`gsm8k_grpo` -> `<config_dir()>/gsm8k_grpo.yaml`) or the
+    path of the user's own YAML file (`path/to/my_exp.yaml`), which is merged onto the
+    same schema and may list shipped configs and groups in its `defaults`. Every value
+    is then checked (`areal_cli/validation.py`; `world_size` and `check_paths` go there).
 
     Raises:
-        ConfigError: unknown config name, unknown key (with a suggestion), bad type.
+        ConfigError: unknown config name or file, malformed override, unknown key (with
+            a suggestion), bad type, or a value out of range; the message is one line.
     """
-    directory = config_dir()
-    if not (directory / f"{name}.yaml").exists():
-        available = sorted(p.stem for p in directory.glob("*.yaml"))
-        hint = difflib.get_close_matches(name, available, n=1)
-        raise ConfigError(
-            f"no config named {name!r} in {directory}"
-            + (f"; did you mean {hint[0]!r}?" if hint else "")
-            + f" (available: {', '.join(available)})"
-        )
+    overrides = list(overrides)
+    for word in overrides:
+        _check_override_grammar(word)
+    directory, primary, extra = _primary_config(name)
     try:
         with initialize_config_dir(config_dir=str(directory), version_base=None):
-            cfg = compose(config_name=name, overrides=list(overrides))
+            cfg = compose(config_name=primary, overrides=extra + overrides)
         # `+key=value` adds keys that the schema lacks, and to_object would drop them
         # silently; refuse them like any other unknown key.
         _check_known_keys(cfg, ExperimentConfig, prefix="")
-        return OmegaConf.to_object(cfg)
-    except (ConfigCompositionException, OmegaConfBaseException) as exc:
+        resolved = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except (ConfigCompositionException, OmegaConfBaseException, ValueError, TypeError, KeyError) as exc:
+        # Hydra raises plain ValueError/KeyError for some well-formed but meaningless
+        # overrides (`=3`); every one is a mistake in the words the user typed.
         raise ConfigError(_explain(exc)) from None
+    check_config(resolved, world_size=world_size, check_paths=check_paths)
+    return resolved
+
+
+USER_PRIMARY = "areal_user_config"
+
+
+def _primary_config(name: str) -> tuple[Path, str, list[str]]:
+    """(directory to compose in, primary config name, extra overrides) for `config=name`."""
+    directory = config_dir()
+    if not name.endswith((".yaml", ".yml")):
+        if not (directory / f"{name}.yaml").exists():
+            available = sorted(p.stem for p in directory.glob("*.yaml"))
+            hint = difflib.get_close_matches(name, available, n=1)
+            raise ConfigError(
+                f"config={name} names no shipped config"
+                + (f"; did you mean config={hint[0]}?" if hint else "")
+                + f" (available: {', '.join(available)}, or a path ending in .yaml)"
+            )
+        return directory, name, []
+    path = Path(name).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"config={name}: no such file; pass an existing YAML file or a shipped config name")
+    # A user's file is composed as `[schema, file, _self_]`, so it needs no defaults list
+    # of its own; the shipped tree stays on the search path for the ones it has.
+    ConfigStore.instance().store(name=USER_PRIMARY, node={"defaults": [SCHEMA_NAME, path.stem, "_self_"]})
+    return path.parent, USER_PRIMARY, [f"hydra.searchpath=[file://{directory}]"]
+
+
+_OVERRIDE_PARSER = OverridesParser.create()
+
+
+def _check_override_grammar(word: str) -> None:
+    try:
+        parsed = _OVERRIDE_PARSER.parse_override(word)
+    except HydraException as exc:
+        reason = str(exc).strip().splitlines()
+        detail = reason[1].strip() if len(reason) > 1 else (reason[0] if reason else "")
+        detail = detail.split(" expecting ", 1)[0]  # ANTLR's list of every token it would take
+        raise ConfigError(
+            f"cannot read the override {word!r} ({detail}); write key=value, +key=value or ~key"
+        ) from None
+    if not parsed.key_or_group:
+        raise ConfigError(f"the override {word!r} names no key; write key=value, +key=value or ~key")
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
@@ -120,13 +169,24 @@ def _explain(exc: Exception) -> str:
     text = str(root).strip()
     full_key = getattr(root, "full_key", None) or _key_from_text(text) or _key_from_text(str(exc))
     first_line = text.splitlines()[0] if text else type(root).__name__
+    if isinstance(root, MissingConfigException) or isinstance(exc, MissingConfigException):
+        return _missing_option_message(text)
     if full_key and "not in" in text:
         return _unknown_key_message(full_key)
     if full_key and "does not support deletion" in text:
         return f"'~{full_key}': keys of the schema cannot be deleted; set {full_key}=null to clear an optional one"
     if full_key:
-        return f"bad value for config key {full_key!r}: {first_line}"
+        return f"{full_key}: {first_line}; pass a value of the key's type (areal config show lists them)"
     return first_line
+
+
+def _missing_option_message(text: str) -> str:
+    match = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if not match:
+        return text.splitlines()[0]
+    group, option = match.groups()
+    available = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+    return f"{group}={option} names no {group} config; use one of {', '.join(available) or '(none)'}"
 
 
 def _check_known_keys(node: Any, schema: type, prefix: str) -> None:

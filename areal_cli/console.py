@@ -3,6 +3,8 @@ typed config or a clean exit with status 2."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 from rich.console import Console
 
@@ -11,12 +13,12 @@ from areal_cli.config import ConfigError, ExperimentConfig, load_config, split_c
 err = Console(stderr=True, soft_wrap=True)
 
 
-def resolve_or_exit(words: list[str]) -> ExperimentConfig:
-    """`config=NAME` plus overrides -> ExperimentConfig; on a ConfigError print it and
-    exit with status 2 (typer.Exit)."""
+def resolve_or_exit(words: list[str], *, world_size: Optional[int] = None, check_paths: bool = True) -> ExperimentConfig:
+    """`config=NAME` plus overrides -> a checked ExperimentConfig (`load_config`'s keyword
+    arguments pass through); on a ConfigError print it and exit with status 2 (typer.Exit)."""
     try:
         name, overrides = split_cli_args(words)
-        return load_config(name, overrides)
+        return load_config(name, overrides, world_size=world_size, check_paths=check_paths)
     except ConfigError as exc:
         err.print("[bold red]config error:[/]", end=" ")
         err.print(str(exc), markup=False, highlight=False)

@@ -133,7 +133,9 @@ def launch(
     late = [w for w in words if w.startswith("-")]
     if late:
         _fail(f"launch options go before the config words: move {' '.join(late)} before config=...")
-    resolve_or_exit(words)  # a config mistake exits 2 before any replica starts
+    # A config mistake exits 2 before any replica starts. Local paths are only checked
+    # where the replicas will see this machine's files.
+    resolve_or_exit(words, world_size=replicas, check_paths=backend is Backend.local)
 
     env_vars = _parse_env(env)
     secret_values = {}

@@ -11,6 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+# The valid values of the string-typed keys; areal_cli/validation.py checks configs
+# against them and the factories build from them.
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
 
 @dataclass
 class ModelConfig:

@@ -16,10 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engines.config import ActorConfig, OptimizerConfig
-
-OPTIMIZERS = ("adamw", "sgd")
-LR_SCHEDULERS = ("constant", "linear", "cosine")
+from engines.config import LR_SCHEDULERS, OPTIMIZERS, ActorConfig, OptimizerConfig
 
 
 def create_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:

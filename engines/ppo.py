@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+from engines.config import KL_ESTIMATORS
 
 
 def group_normalized_advantages(

