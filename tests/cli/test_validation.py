@@ -1,0 +1,252 @@
+"""Config values are checked when the config is resolved, before anything heavy starts."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from areal_cli.config import ConfigError, load_config
+from tests.conftest import REPO, areal_cli, cli_env
+
+# (override, text the one-line refusal must contain). The key and the bad value are
+# always named; the rest says what to change.
+BAD_VALUES = [
+    ("actor.optimizer.type=adamax", "adamw, sgd"),
+    ("actor.optimizer.lr_scheduler_type=warmup", "constant, linear, cosine"),
+    ("actor.kl_estimator=k4", "k1, k2, k3"),
+    ("model.dtype=float8", "float32"),
+    ("model.attn_implementation=fast", "sdpa"),
+    ("rollout.max_head_offpolicyness=-1", ">= 0"),
+    ("rollout.consumer_batch_size=0", ">= 1"),
+    ("rollout.max_concurrent_rollouts=0", ">= 1"),
+    ("rollout.reward_timeout=0", "> 0"),
+    ("gconfig.n_samples=-4", ">= 1"),
+    ("gconfig.temperature=-1", ">= 0"),
+    ("gconfig.top_p=1.5", "(0, 1]"),
+    ("gconfig.top_p=nan", "(0, 1]"),
+    ("gconfig.max_new_tokens=0", ">= 1"),
+    ("actor.optimizer.lr=inf", "> 0"),
+    ("actor.optimizer.beta2=1", "[0, 1)"),
+    ("actor.optimizer.warmup_steps_proportion=2", "[0, 1]"),
+    ("actor.behav_imp_weight_cap=0.5", "> 1"),
+    ("trainer.total_steps=0", ">= 1"),
+    ("dataset.batch_size=0", ">= 1"),
+    ("stats_logger.file_name=a/b.jsonl", "without '/'"),
+]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0]
+
+
+@pytest.mark.parametrize("override, fragment", BAD_VALUES)
+def test_bad_value_refused_naming_key_and_value(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", [override])
+    message = str(info.value)
+    assert message.startswith(_key(override) + "="), message
+    assert fragment in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["actor.max_tokens_per_mb=100"], "actor.max_tokens_per_mb=100 cannot hold one sequence of up to 528 tokens"),
+        (["actor.use_decoupled_loss=true"], "set actor.recompute_logprob=true"),
+        (["gconfig.n_samples=1"], "gconfig.n_samples=1 with actor.group_reward_norm=true"),
+        (["gconfig.temperature=0"], "gconfig.temperature=0"),
+        (["trainer.total_steps=null", "rollout.consumer_batch_size=3"], "rollout.consumer_batch_size=3 differs"),
+    ],
+)
+def test_cross_field_rules(overrides, fragment):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config("smoke", overrides)
+    assert fragment in str(info.value)
+
+
+def test_cross_field_rules_allow_the_consistent_variants():
+    assert load_config("smoke", ["actor.use_decoupled_loss=true", "actor.recompute_logprob=true"]).actor.use_decoupled_loss
+    assert load_config("smoke", ["gconfig.n_samples=1", "actor.group_reward_norm=false"]).gconfig.n_samples == 1
+    # A consumer batch that differs from the dataset batch is fine when the run length is in steps.
+    assert load_config("smoke", ["rollout.consumer_batch_size=3"]).rollout.consumer_batch_size == 3
+    assert load_config("smoke", ["trainer.total_steps=null", "rollout.consumer_batch_size=2"]).trainer.total_steps is None
+
+
+def test_batch_must_split_over_replicas():
+    with pytest.raises(ConfigError, match="dataset.batch_size=2 does not split over 3 replicas"):
+        load_config("smoke", [], world_size=3)
+    assert load_config("smoke", [], world_size=2).dataset.batch_size == 2
+
+
+def test_world_size_from_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="over 3 replicas"):
+        load_config("smoke")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two'"):
+        load_config("smoke")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.path=/no/such/model", "model.path='/no/such/model' does not exist"),
+        ("model.path=./missing-model", "model.path='./missing-model' does not exist"),
+        ("model.path=gguf:no_such_package/x.gguf", "names no installed GGUF"),
+        ("dataset.path=/no/such/data", "dataset.path='/no/such/data' does not exist"),
+        ("dataset.path=../no/such/data", "does not exist"),
+    ],
+)
+def test_missing_local_paths(override, fragment):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config("smoke", [override])
+    assert fragment in str(info.value)
+
+
+def test_existing_paths_and_hub_ids_pass(tmp_path, gsm8k_dir):
+    (tmp_path / "file.txt").write_text("x")
+    assert load_config("smoke", [f"dataset.path={gsm8k_dir}"]).dataset.path == str(gsm8k_dir)
+    assert load_config("smoke", ["model.path=someone/some-model"]).model.path == "someone/some-model"
+    with pytest.raises(ConfigError, match="is a file"):
+        load_config("smoke", [f"model.path={tmp_path / 'file.txt'}"])
+    # The paths of a job that runs elsewhere are not this machine's to check.
+    assert load_config("smoke", ["dataset.path=/data/only/on/the/cluster"], check_paths=False)
+
+
+@pytest.mark.parametrize(
+    "word, fragment",
+    [
+        ("===", "cannot read the override '==='"),
+        ("a.b.c", "cannot read the override 'a.b.c' (missing EQUAL"),
+        ("trainer.total_steps=[1", "cannot read the override"),
+        ("foo bar=1", "cannot read the override"),
+        ("=3", "names no key"),
+    ],
+)
+def test_malformed_override_quotes_word_and_expected_form(word, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", [word])
+    assert fragment in str(info.value)
+    assert "key=value, +key=value or ~key" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="model=nope names no model config; use one of smollm2_135m, tiny_random"):
+        load_config("smoke", ["model=nope"])
+    assert load_config("gsm8k_grpo", ["model=tiny_random"]).model.init_from_scratch
+
+
+def test_user_yaml_outside_the_repository(tmp_path):
+    # A file with no defaults list of its own lands on the schema's defaults...
+    bare = tmp_path / "bare_exp.yaml"
+    bare.write_text("trainer:\n  total_steps: 6\ngconfig:\n  n_samples: 3\n")
+    cfg = load_config(str(bare), ["actor.optimizer.lr=2e-5"])
+    assert (cfg.trainer.total_steps, cfg.gconfig.n_samples, cfg.actor.optimizer.lr) == (6, 3, 2e-5)
+    assert cfg.model.path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # ...and one that extends a shipped config takes the shipped values it does not change.
+    derived = tmp_path / "my_exp.yaml"
+    derived.write_text("defaults:\n  - smoke\n  - _self_\nexperiment_name: mine\ndataset:\n  batch_size: 4\n")
+    cfg = load_config(str(derived))
+    assert (cfg.experiment_name, cfg.dataset.batch_size, cfg.trainer.total_steps) == ("mine", 4, 2)
+    assert cfg.model.init_from_scratch
+    # The same checks apply to a user's file.
+    (tmp_path / "typo.yaml").write_text("trainer:\n  totl_steps: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'total_steps'"):
+        load_config(str(tmp_path / "typo.yaml"))
+    (tmp_path / "bad.yaml").write_text("gconfig:\n  n_samples: 0\n")
+    with pytest.raises(ConfigError, match="gconfig.n_samples=0"):
+        load_config(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "absent.yaml"))
+
+
+# The cases a user hit on a fresh clone (issue 7), through the real CLI in subprocesses,
+# all started at once: each must exit 2 within 15 s with one line naming the key.
+NAMED_CASES = [
+    ["actor.optimizer.type=adamax"],
+    ["actor.optimizer.lr_scheduler_type=warmup"],
+    ["rollout.max_head_offpolicyness=-1"],
+    ["rollout.consumer_batch_size=0"],
+    ["model.path=/no/such/model"],
+    ["dataset.path=/no/such/data"],
+    ["==="],
+    ["a.b.c"],
+    ["gconfig.n_samples=-4"],
+    ["gconfig.temperature=-1"],
+]
+
+
+def _expected_word(overrides: list[str]) -> str:
+    word = overrides[0]
+    return f"'{word}'" if "=" not in word or word.startswith("=") else _key(word)
+
+
+def test_named_bad_inputs_exit_2_quickly_through_the_cli(tmp_path):
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            areal_cli("train", "config=gsm8k_grpo", f"run_dir={tmp_path / str(i)}", *case),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env(),
+        )
+        for i, case in enumerate(NAMED_CASES)
+    ]
+    try:
+        # Started together on a 2-core machine, so the budget is shared: 15 s each.
+        outputs = [p.communicate(timeout=15 * len(procs)) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    elapsed = time.monotonic() - started
+    for case, proc, (out, err) in zip(NAMED_CASES, procs, outputs):
+        assert proc.returncode == 2, (case, out[-500:], err[-2000:])
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("config error: "), (case, err)
+        assert _expected_word(case) in lines[0], (case, lines[0])
+        assert "Traceback" not in out + err
+        assert not (tmp_path / str(NAMED_CASES.index(case))).exists()  # nothing was started
+    assert elapsed < 15 * len(procs)
+
+
+def test_config_show_and_launch_dry_run_refuse_the_same_input(tmp_path):
+    for command in (["config", "show"], ["launch", "--dry-run", "--run-root", str(tmp_path)]):
+        result = subprocess.run(
+            areal_cli(*command, "config=smoke", "gconfig.temperature=-1"),
+            capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=60,
+        )
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.strip() == "config error: gconfig.temperature=-1.0 is invalid; it must be >= 0 (0 samples greedily)"
+
+
+def test_launch_checks_batch_against_replicas(tmp_path):
+    result = subprocess.run(
+        areal_cli("launch", "--replicas", "3", "--dry-run", "--run-root", str(tmp_path), "config=smoke"),
+        capture_output=True, text=True, cwd=REPO, env={**cli_env(), "WORLD_SIZE": "1"}, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "dataset.batch_size=2 does not split over 3 replicas" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_every_constrained_key_has_a_rule():
+    """A new schema key gets a row in validation.RULES unless any value of its type is fine."""
+    import dataclasses
+    import typing
+
+    from areal_cli.config import ExperimentConfig
+    from areal_cli.validation import RULES
+
+    def leaves(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                yield from leaves(type(default), prefix + f.name + ".")
+            else:
+                yield prefix + f.name, hints[f.name]
+
+    unconstrained = {"seed", "run_dir", "cache_dir", "model.path", "model.config_overrides", "dataset.path", "dataset.name"}
+    needs_rule = {key for key, annotation in leaves(ExperimentConfig) if annotation is not bool and key not in unconstrained}
+    assert needs_rule - {rule.key for rule in RULES} == set()
