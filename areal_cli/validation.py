@@ -110,6 +110,7 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.queue_size", at_least(1), "must be >= 1"),
     Rule("rollout.reward_timeout", greater_than(0), "must be > 0 (seconds)"),
     Rule("rollout.reward_workers", at_least(1), "must be >= 1 (processes)"),
+    Rule("rollout.max_consecutive_rejections", at_least(1), "must be >= 1 (rollouts rejected in a row before the run stops)"),
     Rule("actor.optimizer.type", one_of(OPTIMIZERS), _choices(OPTIMIZERS)),
     Rule("actor.optimizer.lr", greater_than(0), "must be > 0"),
     Rule("actor.optimizer.weight_decay", at_least(0), "must be >= 0"),

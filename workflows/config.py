@@ -38,6 +38,10 @@ class RolloutConfig:
     reward_workers: int = 2
     # Append every trained trajectory to `<run_dir>/trajectories/<version>.jsonl`.
     dump_trajectories: bool = False
+    # Stop the run with a RolloutFailureError once this many rollouts in a row were
+    # rejected (raised, returned None, or failed should_accept) with none accepted in
+    # between; staleness expiries and cancellations do not count. >= 1.
+    max_consecutive_rejections: int = 64
 
 
 @dataclass

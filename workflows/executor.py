@@ -21,6 +21,14 @@ by `wait` / `prepare_batch` / `rollout_batch` satisfies
 `min(versions[versions >= 0]) >= version - max_head_offpolicyness`. To waste as little
 generation as possible, ready trajectories are handed out oldest version first.
 
+No hang: rollouts that keep failing would otherwise be replaced by new ones forever. Once
+`rollout.max_consecutive_rejections` rollouts in a row are rejected (raised, returned
+None, or failed `should_accept`) with none accepted in between, the executor starts no
+more and `wait` / `prepare_batch` / `rollout_batch` raise `RolloutFailureError`, naming
+the count, the reasons and the last error. Staleness expiries (a trajectory that was
+accepted and then became too old) and cancellations are not failures of the rollout and
+do not count.
+
 Threads: `submit`, `pause`, `resume`, `get_capacity` and `get_stats` are thread-safe.
 `wait`, `prepare_batch` and `rollout_batch` consume results and must be called from one
 thread at a time (the trainer's).
@@ -50,6 +58,43 @@ logger = logging.getLogger(__name__)
 
 Trajectory = dict[str, torch.Tensor]
 AcceptFn = Callable[[Trajectory], bool]
+
+
+# Rejections that count towards `rollout.max_consecutive_rejections`, as the message words them.
+FAILURE_REASONS = {"error": "raised", "none": "returned None", "should_accept": "failed should_accept"}
+
+
+class RolloutFailureError(RuntimeError):
+    """`rollout.max_consecutive_rejections` rollouts in a row were rejected, none accepted.
+
+    Attributes:
+        count: rollouts rejected in a row.
+        reasons: `{reason: count}` over that streak; reasons are the keys of `FAILURE_REASONS`.
+        last_error: the last line of the streak's last traceback (`ValueError: ...`), or None
+            when no rollout of the streak raised.
+        context: appended to the message when set (the trainer says where the run stopped).
+    """
+
+    def __init__(self, count: int, reasons: dict[str, int], last_error: str | None) -> None:
+        self.count = count
+        self.reasons = dict(reasons)
+        self.last_error = last_error
+        self.context: str | None = None
+        super().__init__(count, self.reasons, last_error)
+
+    def __str__(self) -> str:
+        reasons = ", ".join(f"{n} {FAILURE_REASONS.get(r, r)}" for r, n in sorted(self.reasons.items(), key=lambda x: -x[1]))
+        message = f"{self.count} rollouts in a row were rejected and none accepted ({reasons})"
+        if self.last_error:
+            message += f"; last error: {self.last_error}"
+        message += "; fix the cause, or raise rollout.max_consecutive_rejections if so many rejections are expected"
+        return message + (f"; {self.context}" if self.context else "")
+
+
+def last_line(traceback_text: str) -> str:
+    """The final non-empty line of a formatted traceback: `ExceptionType: message`."""
+    lines = [line.strip() for line in traceback_text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else traceback_text
 
 
 class RolloutWorkflow(Protocol):
@@ -83,7 +128,7 @@ class WorkflowExecutor:
 
     Args:
         config: `rollout.*` settings (`max_concurrent_rollouts`, `consumer_batch_size`,
-            `max_head_offpolicyness`, `queue_size`).
+            `max_head_offpolicyness`, `queue_size`, `max_consecutive_rejections`).
         inference_engine: passed to every `workflow.arun_episode`; must have
             `get_version() -> int`, the policy version the trainer has reached.
         consumer_batch_size: trajectories per training step, used when
@@ -119,6 +164,8 @@ class WorkflowExecutor:
             )
         if config.queue_size < 1:
             raise ValueError(f"rollout.queue_size must be >= 1, got {config.queue_size}")
+        if config.max_consecutive_rejections < 1:
+            raise ValueError(f"rollout.max_consecutive_rejections must be >= 1, got {config.max_consecutive_rejections}")
         self.config = config
         self.inference_engine = inference_engine
         self.consumer_batch_size: int = (
@@ -139,6 +186,11 @@ class WorkflowExecutor:
         self._ready: dict[int, _Ready] = {}  # completion order; trainer thread only
         self._task_ids = itertools.count()
         self._rejections: Counter[str] = Counter()
+        # The current run of rejected rollouts (runner thread, under _lock), and the
+        # failure it became once it reached max_consecutive_rejections (latched).
+        self._streak: Counter[str] = Counter()
+        self._streak_error: str | None = None
+        self._failure: RolloutFailureError | None = None
         self._paused = False
         self._destroyed = False
         self._runner: AsyncTaskRunner | None = None
@@ -224,7 +276,7 @@ class WorkflowExecutor:
         with self._lock:
             if self._runner is None:
                 return
-            while self._pending and not self._paused and not self._destroyed:
+            while self._pending and not self._paused and not self._destroyed and self._failure is None:
                 if self.staleness_manager.get_capacity() <= 0:
                     break
                 item = self._pending.popleft()
@@ -245,19 +297,31 @@ class WorkflowExecutor:
             return None
         return trajectory
 
-    def _count_rejection(self, reason: str) -> None:
+    def _count_rejection(self, reason: str, error: str | None = None) -> None:
         with self._lock:
             self._rejections[reason] += 1
+            if reason not in FAILURE_REASONS:
+                return  # expired, cancelled: not the rollout's failure
+            self._streak[reason] += 1
+            if error is not None:
+                self._streak_error = last_line(error)
+            count = sum(self._streak.values())
+            if self._failure is None and count >= self.config.max_consecutive_rejections:
+                self._failure = RolloutFailureError(count, dict(self._streak), self._streak_error)
+                logger.warning("%d rollouts in a row were rejected: starting no more", count)
 
     def _on_result(self, result: TaskResult) -> None:
         # Runs on the runner thread before the result is visible to `wait`, so a woken
         # trainer already sees the updated counters.
         if result.accepted:
             self.staleness_manager.on_rollout_accepted()
+            with self._lock:
+                self._streak.clear()
+                self._streak_error = None
         else:
             self.staleness_manager.on_rollout_rejected()
             if result.error is not None:
-                self._count_rejection("cancelled" if result.cancelled else "error")
+                self._count_rejection("cancelled" if result.cancelled else "error", None if result.cancelled else result.error)
         # Refill from here rather than from the trainer thread: the trainer may be busy
         # in a training step, and a free slot should not sit idle until it returns.
         self._flush()
@@ -284,11 +348,14 @@ class WorkflowExecutor:
                 trajectories stay for the next call.
             RuntimeError: before `initialize`, or when `count` can never be reached
                 (nothing in flight, and nothing pending that capacity lets start).
+            RolloutFailureError: `rollout.max_consecutive_rejections` rollouts in a row
+                were rejected (then on every later call too).
         """
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._raise_if_failed()
             self._drain()
             self._expire_stale()
             if len(self._ready) >= count:
@@ -307,13 +374,16 @@ class WorkflowExecutor:
         Raises:
             RuntimeError: if capacity can never admit them all (e.g. more episodes than
                 the staleness bound allows at this version), or before `initialize`.
+            RolloutFailureError: as in `wait`.
         """
+        self._raise_if_failed()
         ids = [self._enqueue(item, workflow, should_accept, bounded=False) for item in data]
         self._flush()
         outstanding = set(ids)
         while outstanding:
             for result in self._pull(None, wanted=len(outstanding)):
                 outstanding.discard(result.task_id)
+        self._raise_if_failed()
         self._expire_stale()
         mine = [task_id for task_id in ids if task_id in self._ready]
         return self._take(mine) if mine else {}
@@ -343,9 +413,11 @@ class WorkflowExecutor:
             ValueError: if the dataloader yields nothing.
             TypeError: if a dataloader item is not a list of dicts.
             TimeoutError: as in `wait`.
+            RolloutFailureError: as in `wait`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._raise_if_failed()
             self._refill(dataloader, workflow, should_accept)
             self._flush()
             # Take what finished meanwhile even when enough is ready: the oldest-first pick
@@ -380,6 +452,7 @@ class WorkflowExecutor:
         """Block for at least one result from the runner; move accepted ones to `_ready`."""
         runner = self._require_runner()
         self._flush()
+        self._raise_if_failed()
         self._check_progress_possible(wanted)
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
@@ -407,6 +480,20 @@ class WorkflowExecutor:
                 versions = trajectory.get("versions")
                 oldest = oldest_version(versions) if isinstance(versions, torch.Tensor) else None
                 self._ready[result.task_id] = _Ready(trajectory, oldest)  # type: ignore[index]
+
+    def _raise_if_failed(self) -> None:
+        with self._lock:
+            failure = self._failure
+        if failure is not None:
+            # A fresh exception per call, so tracebacks do not pile up on one object.
+            error = RolloutFailureError(failure.count, failure.reasons, failure.last_error)
+            raise error
+
+    @property
+    def failure(self) -> RolloutFailureError | None:
+        """The `RolloutFailureError` this executor has stopped on, or None."""
+        with self._lock:
+            return self._failure
 
     def _check_progress_possible(self, wanted: int) -> None:
         runner = self._require_runner()

@@ -11,7 +11,8 @@ The shape follows AReaL's rollout thread (arXiv 2505.24298, section 5.1; the
 `threading.Condition` the moment a result is published instead of polling the output
 queue on a fixed sleep, and `destroy` cancels tasks still in flight instead of abandoning
 them. A task that raises or is cancelled becomes a `TaskResult` with `data=None` and the
-traceback in `error`; it is logged and counted and the runner keeps going.
+traceback in `error`; it is logged (the whole traceback the first time an error occurs,
+its last line after that) and counted, and the runner keeps going.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class AsyncTaskRunner:
         self._stopping = False
         self._closed = False
         self._wakeup_scheduled = False
+        self._logged_errors: set[str] = set()  # last lines of tracebacks already logged in full
 
         self.num_completed = 0
         self.num_failed = 0
@@ -203,6 +205,13 @@ class AsyncTaskRunner:
             # Ignored its cancellation: account for it here, since its wrapper never finishes.
             self._inflight.pop(task.task_id, None)
             self._publish(task, TaskResult(task.task_id, error="cancelled; did not stop in time", cancelled=True))
+        # Tasks the coroutines started themselves (an inference engine's batching task,
+        # say) would otherwise be destroyed pending when the loop closes.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for other in others:
+            other.cancel()
+        if others:
+            await asyncio.wait(others, timeout=max(0.0, deadline - time.monotonic() - 0.01))
         assert self._loop is not None
         self._loop.stop()
 
@@ -291,7 +300,13 @@ class AsyncTaskRunner:
             result = TaskResult(task.task_id, error="cancelled", cancelled=True)
         except Exception:  # noqa: BLE001 - any task failure becomes a result, never a dead loop
             tb = traceback.format_exc()
-            logger.warning("%s: task %r failed:\n%s", self.name, task.task_id, tb)
+            last = tb.strip().splitlines()[-1]
+            if last in self._logged_errors:
+                logger.warning("%s: task %r failed: %s", self.name, task.task_id, last)
+            else:
+                if len(self._logged_errors) < 1000:
+                    self._logged_errors.add(last)
+                logger.warning("%s: task %r failed:\n%s", self.name, task.task_id, tb)
             result = TaskResult(task.task_id, error=tb)
         if self._inflight.pop(task.task_id, None) is not None:
             self._publish(task, result)
@@ -309,7 +324,7 @@ class AsyncTaskRunner:
         with self._lock:
             if result.cancelled:
                 self.num_cancelled += 1
-                logger.info("%s: task %r cancelled", self.name, task.task_id)
+                logger.debug("%s: task %r cancelled", self.name, task.task_id)
             elif result.error is not None:
                 self.num_failed += 1
             else:

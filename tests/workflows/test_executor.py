@@ -12,7 +12,7 @@ import torch
 
 from workflows.batch import concat_padded_tensors, oldest_version, staleness_stats
 from workflows.config import RolloutConfig
-from workflows.executor import WorkflowExecutor
+from workflows.executor import RolloutFailureError, WorkflowExecutor
 from workflows.task_runner import TaskQueueFullError
 
 PROMPT_LEN = 3
@@ -448,3 +448,137 @@ def test_staleness_invariant_long(offpolicy):
         assert set(lags) == {0.0} and num_expired == 0
     else:
         assert max(lags) == offpolicy
+
+
+# ---------------------------------------------------------------------- rollouts that keep failing
+
+
+def failing_executor(engine, limit, **kwargs) -> WorkflowExecutor:
+    config = RolloutConfig(max_concurrent_rollouts=kwargs.pop("concurrent", 4), max_consecutive_rejections=limit,
+                           max_head_offpolicyness=kwargs.pop("offpolicy", 0))
+    executor = WorkflowExecutor(config, engine, consumer_batch_size=kwargs.pop("batch", 2), **kwargs)
+    executor.initialize()
+    return executor
+
+
+class EmptyGroupWorkflow:
+    """The issue's hang: `gconfig.n_samples=-4` made every episode of the RLVR workflow
+    pack an empty group, raising `max() arg is an empty sequence`."""
+
+    def __init__(self) -> None:
+        from engines.config import GenerationConfig
+        from workflows.rlvr import RLVRWorkflow
+
+        class Tokenizer:
+            pad_token_id = 0
+
+        self.inner = RLVRWorkflow(gconfig=GenerationConfig(n_samples=-4), tokenizer=Tokenizer(), scorer=None)
+        self.started = 0
+
+    async def arun_episode(self, engine, data):
+        self.started += 1
+        return await self.inner.arun_episode(engine, data)
+
+
+def test_prepare_batch_stops_when_every_rollout_raises(engine):
+    workflow = EmptyGroupWorkflow()
+    dataloader = [[{"id": i, "prompt_ids": [1, 2], "answer": "1"} for i in range(2)]]
+    executor = failing_executor(engine, limit=16)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RolloutFailureError) as info:
+            executor.prepare_batch(dataloader, workflow, timeout=30)  # a regression: TimeoutError, not a hang
+        assert time.monotonic() - t0 < 10
+        error = info.value
+        assert (error.count, error.reasons, error.last_error) == (16, {"error": 16}, "ValueError: max() arg is an empty sequence")
+        message = str(error)
+        assert "\n" not in message
+        assert message.startswith("16 rollouts in a row were rejected and none accepted (16 raised)")
+        assert "last error: ValueError: max() arg is an empty sequence" in message
+        assert "rollout.max_consecutive_rejections" in message
+        # It starts no more rollouts, and every later call fails the same way.
+        time.sleep(0.05)
+        started = workflow.started
+        assert started <= 16 + 4  # the streak plus what was in flight when it ended
+        for call in (lambda: executor.prepare_batch(dataloader, workflow, timeout=5), lambda: executor.wait(1, timeout=5),
+                     lambda: executor.rollout_batch([{"id": 9, "prompt_ids": [1], "answer": "1"}], workflow)):
+            with pytest.raises(RolloutFailureError, match="16 rollouts in a row"):
+                call()
+        time.sleep(0.05)
+        assert workflow.started == started
+        assert executor.failure is not None and executor.failure.count == 16
+    finally:
+        executor.destroy()
+
+
+def test_none_and_should_accept_rejections_count_and_are_named(engine):
+    workflow = SyntheticWorkflow()
+    data = [{"id": i, "mode": "none" if i % 2 else "ok"} for i in range(12)]
+    executor = failing_executor(engine, limit=6, batch=20, concurrent=2)
+    try:
+        with pytest.raises(RolloutFailureError) as info:
+            executor.rollout_batch(data, workflow, should_accept=lambda t: False)
+        error = info.value
+        assert error.count == 6 and error.reasons == {"none": 3, "should_accept": 3} and error.last_error is None
+        assert "(3 returned None, 3 failed should_accept)" in str(error) or "(3 failed should_accept, 3 returned None)" in str(error)
+        assert "last error" not in str(error)
+    finally:
+        executor.destroy()
+
+
+def test_an_accepted_rollout_resets_the_streak(engine):
+    """Five rejections in six, forever, never make a streak of six."""
+    workflow = SyntheticWorkflow()
+    modes = ["raise", "none", "raise", "none", "raise", "ok"]
+    dataloader = [[{"id": 6 * b + j, "mode": mode}] for b in range(4) for j, mode in enumerate(modes)]
+    # One at a time, so that completion order is submission order.
+    executor = failing_executor(engine, limit=6, batch=1, concurrent=1)
+    try:
+        for step in range(8):
+            batch = executor.prepare_batch(dataloader, workflow, timeout=10)
+            assert batch["ids"][0] % 6 == 5
+            engine.set_version(step + 1)
+        assert executor.failure is None
+        counts = executor.rejection_counts
+        assert counts["error"] >= 24 and counts["none"] >= 16  # 40 rejections, never 6 in a row
+    finally:
+        executor.destroy()
+
+
+def test_a_single_rejection_limit_raises_on_the_first(engine):
+    executor = failing_executor(engine, limit=1)
+    try:
+        executor.submit({"id": 0, "mode": "raise"}, SyntheticWorkflow())
+        with pytest.raises(RolloutFailureError, match=r"1 rollouts in a row .*RuntimeError: episode 0 failed"):
+            executor.wait(1, timeout=10)
+    finally:
+        executor.destroy()
+
+
+def test_cancellations_and_staleness_expiries_are_not_failures(engine):
+    # Cancelled by destroy: not a failure.
+    executor = failing_executor(engine, limit=1, batch=8, concurrent=8, destroy_timeout=0.5)
+    for i in range(4):
+        executor.submit({"id": i, "delay": 60}, SyntheticWorkflow())
+    time.sleep(0.05)
+    executor.destroy()
+    assert executor.rejection_counts == {"cancelled": 4} and executor.failure is None
+
+    # Expired after acceptance: not a failure either (see the straggler test above).
+    workflow = SyntheticWorkflow()
+    dataloader = [[{"id": i, "delay": 0.3 if i == 0 else 0.002}] for i in range(200)]
+    executor = failing_executor(engine, limit=1, batch=1, concurrent=4, offpolicy=1)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and executor.num_expired == 0:
+            executor.prepare_batch(dataloader, workflow, timeout=5)
+            time.sleep(0.01)
+            engine.set_version(engine.get_version() + 1)
+        assert executor.num_expired == 1 and executor.failure is None
+    finally:
+        executor.destroy()
+
+
+def test_max_consecutive_rejections_must_be_positive(engine):
+    with pytest.raises(ValueError, match="max_consecutive_rejections"):
+        WorkflowExecutor(RolloutConfig(max_consecutive_rejections=0), engine, consumer_batch_size=2)

@@ -140,6 +140,19 @@ def test_failing_task_becomes_a_logged_counted_result(runner, caplog):
     assert any("boom" in record.getMessage() for record in caplog.records)
 
 
+def test_a_repeated_error_is_logged_in_full_once(runner, caplog):
+    """Rollouts that all fail the same way must not fill the log with one traceback each."""
+    caplog.set_level(logging.WARNING, logger="workflows.task_runner")
+    for _ in range(5):
+        runner.submit(fail, "same")
+    runner.submit(fail, "other")
+    results = runner.wait(6, timeout=5)
+    assert all("Traceback" in r.error for r in results)  # the results keep the whole traceback
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("Traceback" in m for m in messages) == 2  # once per distinct error
+    assert sum(m.endswith("failed: ValueError: same") for m in messages) == 4
+
+
 def test_non_coroutine_callable_is_a_failure_not_a_crash(runner):
     runner.submit(lambda: 42)  # not awaitable
     [result] = runner.wait(1, timeout=5)
@@ -207,6 +220,32 @@ def test_destroy_cancels_in_flight_tasks_within_its_timeout():
         runner.wait(1, timeout=5)
     with pytest.raises(RuntimeError):
         runner.submit(sleep_then, 1)
+
+
+def test_destroy_also_cancels_tasks_that_tasks_started():
+    """An inference engine's batching task is started by the rollouts, not submitted; it
+    must not be left pending (and warned about) when the loop closes."""
+    runner = AsyncTaskRunner(max_queue_size=4)
+    runner.start()
+    cancelled = threading.Event()
+
+    async def background():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def starts_background():
+        asyncio.get_running_loop().create_task(background())
+        await asyncio.sleep(60)
+
+    runner.submit(starts_background)
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    runner.destroy(timeout=1.0)
+    assert time.monotonic() - t0 < 2.0
+    assert cancelled.is_set()
 
 
 def test_destroy_wakes_a_blocked_waiter():
