@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 
 from areal_cli.config import to_yaml
-from areal_cli.console import resolve_or_exit
+from areal_cli.console import err, resolve_or_exit
 from areal_cli.launch import launch_app
 
 app = typer.Typer(
@@ -40,10 +40,23 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 @app.command(context_settings=PASSTHROUGH)
 def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False)) -> None:
     """Run GRPO training in this process (see `areal launch` for several replicas)."""
-    cfg = resolve_or_exit(args or [])
-    from workflows.trainer import run_training  # heavy imports only when training
+    from workflows.shutdown import RunInterrupted, stop_on_signals  # stdlib only
 
-    run_training(cfg)
+    words = args or []
+    try:
+        with stop_on_signals():  # Ctrl-C / SIGTERM from here on: an orderly stop, exit 130 / 143
+            cfg = resolve_or_exit(words)
+            from workflows.executor import RolloutFailureError
+            from workflows.trainer import run_training  # heavy imports only when training
+
+            try:
+                run_training(cfg)
+            except RolloutFailureError as exc:  # rollouts kept failing; nothing was saved
+                err.print(f"error: {exc}", markup=False, highlight=False)
+                raise typer.Exit(code=1) from None
+    except RunInterrupted as exc:  # one line: where the run can be resumed from
+        err.print(exc.resume_hint(["areal", "train", *words]), markup=False, highlight=False)
+        raise typer.Exit(code=exc.exit_code) from None
 
 
 @config_app.command("show", context_settings=PASSTHROUGH)

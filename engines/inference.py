@@ -5,20 +5,44 @@ returns the completion's token ids, their logprobs and the policy version that p
 each token. `LocalInferenceEngine` is the embedded default: a copy of the policy in this
 process, decoding on one worker thread so the asyncio loop that calls it stays free.
 Remote engines (vLLM / SGLang style servers over HTTP) implement the same protocol.
+
+`AREAL_FAULT_GENERATE_FROM_VERSION=N` (tests only) makes every generation at policy
+version >= N raise, so every rollout from then on fails (see `rollout.max_consecutive_rejections`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Protocol, runtime_checkable
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
 from engines.config import GenerationConfig
+
+FAULT_ENV = "AREAL_FAULT_GENERATE_FROM_VERSION"
+
+
+def inject_generation_fault(version: int) -> None:
+    """Raise when `$AREAL_FAULT_GENERATE_FROM_VERSION` is set and `version` has reached it.
+    For tests of what a run does when every rollout fails."""
+    value = os.environ.get(FAULT_ENV)
+    if value is not None and value.strip().isdigit() and version >= int(value):
+        raise RuntimeError(f"injected generation failure at policy version {version} ({FAULT_ENV}={value.strip()})")
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends `model.generate` at the next token once `event` is set (engine destroyed)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -107,6 +131,7 @@ class LocalInferenceEngine:
         self._flush_scheduled = False
         self._running = threading.Event()
         self._running.set()
+        self._destroyed = threading.Event()
         self.num_generated_tokens = 0
 
     # -- control ------------------------------------------------------------------------
@@ -138,6 +163,10 @@ class LocalInferenceEngine:
         return self._worker.submit(self.generate, requests).result()
 
     def destroy(self) -> None:
+        """Stop: a batch being decoded ends at its next token (its callers get an error),
+        queued ones are cancelled, and the worker thread is joined."""
+        self._destroyed.set()
+        self._running.set()  # a batching task waiting for `resume` must not block a thread forever
         self._worker.shutdown(wait=True, cancel_futures=True)
 
     # -- generation -----------------------------------------------------------------------
@@ -154,6 +183,12 @@ class LocalInferenceEngine:
         return await future
 
     async def _flush(self) -> None:
+        try:
+            await self._flush_pending()
+        finally:
+            self._flush_scheduled = False
+
+    async def _flush_pending(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
             await loop.run_in_executor(None, self._running.wait)
@@ -171,13 +206,15 @@ class LocalInferenceEngine:
             for (_, fut), response in zip(batch, responses):
                 if not fut.done():
                     fut.set_result(response)
-        self._flush_scheduled = False
 
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:
         """Sample one completion per request, in one batch. Requests must share
         sampling parameters (`sampling_key`). Uses the global torch RNG, re-seeded from
         the requests' `seed` when they carry one."""
+        if self._destroyed.is_set():
+            raise RuntimeError("LocalInferenceEngine was destroyed")
+        inject_generation_fault(self._version)
         first = requests[0]
         if first.seed is not None:
             torch.manual_seed(first.seed)
@@ -201,7 +238,10 @@ class LocalInferenceEngine:
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
             output_logits=True,
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(self._destroyed)]),
         )
+        if self._destroyed.is_set():
+            raise RuntimeError("LocalInferenceEngine was destroyed during generation")
         new_tokens = out.sequences[:, max_len:]  # [B, T]
         # Raw logits per step -> logprobs of the temperature-scaled distribution.
         logits = torch.stack(out.logits, dim=1).float()  # [B, T, V]

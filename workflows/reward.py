@@ -4,6 +4,14 @@ math-verify's own timeout uses SIGALRM, which only works on a process's main thr
 rollout workflow runs on an event-loop thread. So each call runs in a `pebble` process
 pool whose per-task timeout kills a stuck worker instead. Every failure (timeout, parse
 error, crashed worker) scores 0.0 and is counted; none reaches the training loop.
+
+Signals. The workers leave the trainer's process group as they start, so a Ctrl-C at the
+terminal or a SIGTERM sent to the group (`areal launch` cancelling a replica) reaches only
+the trainer, which then stops the pool itself (`close`), instead of killing workers under
+a running pool or making them print KeyboardInterrupt tracebacks. They are spawned with
+SIGINT and SIGTERM blocked, so one sent to the group while a worker is still starting is
+dropped rather than delivered; pebble's own handlers (SIGINT ignored, SIGTERM exits) hold
+afterwards. A worker whose trainer died exits when its task pipe closes.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
+import signal
 import threading
 from dataclasses import dataclass
 
@@ -34,9 +44,34 @@ def math_verify_reward(completion: str, reference: str) -> float:
     return 1.0 if verify(gold, answer, timeout_seconds=None) else 0.0
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _init_worker() -> None:
     # math-verify warns on every call that its own timeout is off; that is intended.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """In a worker: its own process group, then drop the stop signals sent to the old one
+    while it was starting (they were blocked since the spawn) and unblock them."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    handlers = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # a pending, ignored signal is discarded
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _started(*_: object) -> bool:
+    return True
 
 
 @dataclass
@@ -60,6 +95,16 @@ class RewardScorer:
         self._pool = ProcessPool(
             max_workers=num_workers, context=multiprocessing.get_context("spawn"), initializer=_init_worker
         )
+        # Start the workers and pebble's threads now, with the stop signals blocked in this
+        # thread: children (and the threads that later replace workers) inherit the mask,
+        # see the module docstring. A signal meanwhile is delivered when the mask is restored.
+        blocked = hasattr(signal, "pthread_sigmask")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if blocked else None
+        try:
+            self._pool.schedule(_started)
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self._lock = threading.Lock()
         self.stats = RewardStats()
 

@@ -23,6 +23,14 @@ trajectory dumps are rolled back to the checkpoint, and no prompt is trained twi
 dropped, also in asynchronous mode. Each stats record lists the prompts its step trained
 (`prompt_ids`, with their epochs in `prompt_epochs`).
 
+Stopping (workflows/shutdown.py). SIGINT (Ctrl-C) or SIGTERM raises `RunInterrupted` in
+the training thread; the rollout thread, the inference worker and the reward processes are
+shut down on the way out, and the exception carries the run directory and the step of the
+last recover checkpoint, from which a new start continues. A step's stats record and
+checkpoints are written whole or not at all (a signal meanwhile waits for them). If
+rollouts keep failing, `prepare_batch` raises `RolloutFailureError` (workflows/executor.py)
+and the run ends without saving anything, so the last recover checkpoint stays as it was.
+
 With `WORLD_SIZE > 1` (see `areal launch`) every rank runs this loop on its shard of each
 global batch; gradients are all-reduced and only rank 0 writes files. Every rank reads the
 same recover checkpoint, so `run_dir` must be on storage that all ranks see.
@@ -53,7 +61,7 @@ from engines.ppo import group_normalized_advantages
 from engines.train_engine import TrainEngine
 from workflows.batch import staleness_stats
 from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
-from workflows.executor import WorkflowExecutor
+from workflows.executor import RolloutFailureError, WorkflowExecutor
 from workflows.recover import (
     RecoverInfo,
     drop_trajectory_dumps,
@@ -68,6 +76,7 @@ from workflows.recover import (
 )
 from workflows.reward import RewardScorer
 from workflows.rlvr import RLVRWorkflow
+from workflows.shutdown import RunInterrupted, deferred_stop, stop_on_signals
 from workflows.stats import NullStatsLogger, StatsLogger
 
 logger = logging.getLogger(__name__)
@@ -149,18 +158,54 @@ def check_decoupled_config(cfg: ExperimentConfig) -> None:
 
 
 def run_training(cfg: ExperimentConfig) -> Path:
-    """Train per `cfg`; returns the run directory (stats.jsonl, config.yaml, checkpoints/)."""
+    """Train per `cfg`; returns the run directory (stats.jsonl, config.yaml, checkpoints/).
+
+    Raises:
+        RunInterrupted: SIGINT or SIGTERM stopped the run (in the main thread, the
+            previous handlers are restored afterwards); it carries the run directory and
+            the last recover checkpoint's step (`resume_hint`).
+        RolloutFailureError: `rollout.max_consecutive_rejections` rollouts in a row were
+            rejected; nothing was saved on the way out.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Our own progress bar and stats lines say what is happening; library bars would
     # interleave with them.
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     check_decoupled_config(cfg)
-    dist_ctx = init_distributed()
+    run_dir = cfg.resolved_run_dir()
+
+    def describe(signum: int) -> str:
+        return _interrupted(signum, run_dir).resume_hint()
+
+    with stop_on_signals(describe):
+        try:
+            dist_ctx = init_distributed()
+            try:
+                return _train(cfg, dist_ctx)
+            finally:
+                with deferred_stop():
+                    shutdown_distributed()
+        except RunInterrupted as exc:
+            exc.run_dir, exc.recover_step = run_dir, last_recover_step(run_dir)
+            raise
+
+
+def last_recover_step(run_dir: Path) -> Optional[int]:
+    """The step of the complete recover checkpoint in `run_dir`, or None."""
+    found = find_recover_checkpoint(Path(run_dir) / "checkpoints")
+    if found is None:
+        return None
     try:
-        return _train(cfg, dist_ctx)
-    finally:
-        shutdown_distributed()
+        return read_recover_info(found).step
+    except (OSError, ValueError):
+        return None
+
+
+def _interrupted(signum: int, run_dir: Path) -> RunInterrupted:
+    exc = RunInterrupted(signum)
+    exc.run_dir, exc.recover_step = run_dir, last_recover_step(run_dir)
+    return exc
 
 
 def recover_due(cfg: ExperimentConfig, step: int, total_steps: int) -> bool:
@@ -279,15 +324,20 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
         dist_ctx=dist_ctx,
     )
     scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
-    sampling_seed = cfg.seed if cfg.actor.deterministic else None
-    workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
-    dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
-    executor = WorkflowExecutor(
-        cfg.rollout,
-        inference,
-        consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
-        trajectory_dump_dir=dump_dir,
-    )
+    try:  # the scorer holds processes: nothing below may leave them behind
+        sampling_seed = cfg.seed if cfg.actor.deterministic else None
+        workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
+        dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
+        executor = WorkflowExecutor(
+            cfg.rollout,
+            inference,
+            consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
+            trajectory_dump_dir=dump_dir,
+        )
+    except BaseException:
+        scorer.close()
+        inference.destroy()
+        raise
     return Run(
         cfg=cfg, dist_ctx=dist_ctx, run_dir=run_dir, stats_logger=stats_logger, tokenizer=tokenizer,
         num_prompts=len(train_data), loader=loader, total_steps=total_steps, eval_rows=eval_rows,
@@ -345,6 +395,30 @@ def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:
 
 def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
     run = build_run(cfg, dist_ctx)
+    try:
+        _train_loop(cfg, dist_ctx, run)
+    finally:
+        # Whole even when a signal arrives meanwhile: the rollout thread first (its
+        # rollouts use the engine and the scorer), then the reward processes, then the
+        # inference worker thread.
+        with deferred_stop():
+            close_run(run)
+    return run.run_dir
+
+
+def close_run(run: Run) -> None:
+    """Stop the rollout thread, the reward process pool and the inference worker, each
+    even if an earlier one fails."""
+    try:
+        run.executor.destroy()
+    finally:
+        try:
+            run.scorer.close()
+        finally:
+            run.inference.destroy()
+
+
+def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -> None:
     resume_from = _find_resume_point(cfg, run.run_dir, dist_ctx, run.stats_logger.info)
     position = restore_or_reset(run, resume_from)
     engine, executor, stats_logger, total_steps = run.engine, run.executor, run.stats_logger, run.total_steps
@@ -360,17 +434,28 @@ def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
         # Last, after model construction and loading consumed randomness.
         load_rng_state(resume_from)
     final = run.checkpoints / f"step_{total_steps}"
-    try:
-        with progress:
-            task = progress.add_task("steps", total=total_steps, completed=position.step)
-            for step in range(position.step + 1, total_steps + 1):
+    with progress:
+        task = progress.add_task("steps", total=total_steps, completed=position.step)
+        for step in range(position.step + 1, total_steps + 1):
+            try:
                 record = train_step(cfg, step, run.loader, run.workflow, executor, run.inference, engine, dist_ctx)
+            except RolloutFailureError as exc:
+                # Nothing is saved on this path: the last recover checkpoint stays as it was.
+                recovered = last_recover_step(run.run_dir)
+                exc.context = f"the run stopped at step {step} of {total_steps} without saving; " + (
+                    f"its last recover checkpoint (step {recovered}) is intact in {run.checkpoints / 'recover'}"
+                    if recovered is not None
+                    else "it has no recover checkpoint yet"
+                )
+                raise
+            record["reward_failures"] = position.reward_failures + run.scorer.stats.num_failed
+            if run.eval_rows and step % cfg.trainer.eval_freq_steps == 0:
+                record.update(evaluate(cfg, run.inference, run.scorer, run.tokenizer, run.eval_rows))
+            # The step's record and checkpoints are written whole: a signal waits for them.
+            with deferred_stop():
                 duplicates = position.trained.update(zip(record["prompt_epochs"], record["prompt_ids"]))
                 if duplicates:
                     logger.error("step %d trained (epoch, prompt id) pairs already trained: %s", step, duplicates)
-                record["reward_failures"] = position.reward_failures + run.scorer.stats.num_failed
-                if run.eval_rows and step % cfg.trainer.eval_freq_steps == 0:
-                    record.update(evaluate(cfg, run.inference, run.scorer, run.tokenizer, run.eval_rows))
                 stats_logger.log(record, total_steps=total_steps)
                 position.stats_records += 1
                 inject_fault_after(step)
@@ -388,17 +473,13 @@ def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
                         reward_failures=record["reward_failures"],
                     )
                     save_recover_checkpoint(run.checkpoints, engine, info)
-                progress.advance(task)
-        if position.step >= total_steps:
-            stats_logger.info(f"the recover checkpoint is at step {position.step} >= trainer.total_steps={total_steps}; nothing to train")
+            progress.advance(task)
+    if position.step >= total_steps:
+        stats_logger.info(f"the recover checkpoint is at step {position.step} >= trainer.total_steps={total_steps}; nothing to train")
+    with deferred_stop():
         if dist_ctx.is_main and (position.step < total_steps or not final.exists()):
             engine.save(final, run.tokenizer)
-        stats_logger.info(f"done: {total_steps} steps; checkpoint {final}; stats {stats_logger.path}")
-    finally:
-        executor.destroy()
-        run.scorer.close()
-        run.inference.destroy()
-    return run.run_dir
+    stats_logger.info(f"done: {total_steps} steps; checkpoint {final}; stats {stats_logger.path}")
 
 
 def train_step(

@@ -70,3 +70,49 @@ def test_update_weights_changes_samples(tiny_model, tokenizer):
     engine.update_weights(new_state)
     assert all(torch.count_nonzero(p) == 0 for p in engine.model.parameters())
     engine.destroy()
+
+
+def test_destroy_ends_a_generation_in_progress(tiny_model, tokenizer):
+    """Stopping a run must not wait for a long batch to finish decoding."""
+    import threading
+    import time
+
+    import pytest
+
+    engine = make_engine(tiny_model, tokenizer)
+    outcome = {}
+
+    def generate():
+        try:
+            # Greedy, with a stop token the model does not pick: it would decode 4000 tokens.
+            outcome["result"] = engine.generate_blocking([GenerationRequest(input_ids=[1, 4093, 198], max_new_tokens=4000, top_k=1)])
+        except Exception as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    engine.eos_token_id = tokenizer.vocab_size + 10  # never sampled
+    thread = threading.Thread(target=generate)
+    thread.start()
+    time.sleep(0.5)  # decoding (it would take many seconds)
+    t0 = time.monotonic()
+    engine.destroy()
+    thread.join(10)
+    assert time.monotonic() - t0 < 2.0
+    assert "result" not in outcome and "destroyed" in str(outcome["error"])
+    with pytest.raises(RuntimeError, match="destroyed"):
+        engine.generate([GenerationRequest(input_ids=[1, 2], max_new_tokens=2)])
+
+
+def test_generation_fault_injection(tiny_model, tokenizer, monkeypatch):
+    import pytest
+
+    from engines.inference import FAULT_ENV
+
+    engine = make_engine(tiny_model, tokenizer)
+    request = GenerationRequest(input_ids=[1, 2, 3], max_new_tokens=2)
+    monkeypatch.setenv(FAULT_ENV, "2")
+    engine.set_version(1)
+    assert len(engine.generate([request])) == 1
+    engine.set_version(2)
+    with pytest.raises(RuntimeError, match=f"injected generation failure at policy version 2 \\({FAULT_ENV}=2\\)"):
+        engine.generate([request])
+    engine.destroy()
