@@ -1,7 +1,10 @@
 """GSM8K prompts for RL: loading, prompt formatting and batching.
 
-Rows come from the hub (`datasets.load_dataset("openai/gsm8k", "main")`) or from a local
-directory or file of `.jsonl` / `.parquet`. Each usable row becomes
+Rows come from a local directory or file of `.jsonl` / `.parquet`, or from the hub
+(`datasets.load_dataset("openai/gsm8k", "main")`). When the hub cannot be reached, a hub id
+that `PACKAGED_DATASETS` knows is read from the copy shipped with the package: GSM8K's
+train and test splits (OpenAI, MIT licence, `workflows/data/gsm8k/LICENSE`). Each usable
+row becomes
 
     {"id": int, "prompt_ids": list[int], "question": str, "answer": str}
 
@@ -20,12 +23,16 @@ from typing import Iterator, Optional
 import datasets
 import torch
 
+from engines.hub import HubUnreachableError, hub_reachable
 from workflows.config import DatasetConfig
 
 logger = logging.getLogger(__name__)
 
 INSTRUCTION = "Solve the problem step by step, then give the final answer as a number in \\boxed{}."
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# hub id -> the copy shipped as package data (its default config, "main"), read offline.
+PACKAGED_DATASETS = {"openai/gsm8k": Path(__file__).resolve().parent / "data" / "gsm8k"}
+_warned_packaged: set[str] = set()
 
 
 def reference_answer(solution: str) -> Optional[str]:
@@ -44,21 +51,42 @@ def build_prompt_ids(tokenizer, question: str) -> list[int]:
 
 
 def load_raw_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
-    """Read one split from the hub or from local files.
+    """Read one split from local files, the hub, or the shipped offline copy.
 
-    For a local directory, the files whose names start with `split` (e.g. `train.jsonl`,
-    `train-00000.parquet`) are read. Raises FileNotFoundError when none match.
+    A local `cfg.path` is read directly: a file, or the files of a directory whose names
+    start with `split` (e.g. `train.jsonl`, `train-00000.parquet`). A hub id goes to
+    `datasets.load_dataset` when the hub is reachable (`engines/hub.py`); otherwise to the
+    copy in `PACKAGED_DATASETS` (one warning per process).
+
+    Raises:
+        FileNotFoundError: a local directory without files for `split`.
+        HubUnreachableError: a hub id, the hub unreachable, and no shipped copy of it.
     """
-    path = Path(cfg.path)
+    path = Path(cfg.path).expanduser()
     if path.exists():
-        files = [path] if path.is_file() else sorted(
-            p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.name.startswith(split)
+        return _load_local(path, split, cfg.path)
+    if hub_reachable():
+        return datasets.load_dataset(cfg.path, cfg.name, split=split)
+    packaged = PACKAGED_DATASETS.get(cfg.path)
+    if packaged is None or cfg.name not in (None, "main"):
+        raise HubUnreachableError(
+            f"dataset.path={cfg.path!r}: the Hugging Face hub is unreachable and no offline copy is known; "
+            "pass dataset.path=<local dir of jsonl/parquet>"
         )
-        if not files:
-            raise FileNotFoundError(f"dataset.path={cfg.path!r} has no {split}*.jsonl or {split}*.parquet files")
-        builder = DATA_SUFFIXES[files[0].suffix]
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    return datasets.load_dataset(cfg.path, cfg.name, split=split)
+    if cfg.path not in _warned_packaged:
+        _warned_packaged.add(cfg.path)
+        logger.warning("hub unreachable for %s; using the copy shipped with areal (%s)", cfg.path, packaged)
+    return _load_local(packaged, split, cfg.path)
+
+
+def _load_local(path: Path, split: str, name: str) -> datasets.Dataset:
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.name.startswith(split)
+    )
+    if not files:
+        raise FileNotFoundError(f"dataset.path={name!r} has no {split}*.jsonl or {split}*.parquet files")
+    builder = DATA_SUFFIXES[files[0].suffix]
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
 
 
 @dataclass

@@ -67,3 +67,50 @@ def test_loader_reshuffles_each_epoch_reproducibly():
     assert len(epoch1) == 3 and all(len(batch) == 3 for batch in epoch1)
     with pytest.raises(ValueError, match="batch_size=11"):
         PromptLoader(data, batch_size=11, shuffle=False, seed=0)
+
+
+# ---------------------------------------------------------------------------------------
+# The GSM8K shipped with the package: dataset.path=openai/gsm8k without the hub.
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    import workflows.dataset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(workflows.dataset, "_warned_packaged", set())
+
+
+def test_shipped_gsm8k_is_the_real_one(gsm8k_dir):
+    from workflows.dataset import PACKAGED_DATASETS
+
+    shipped = PACKAGED_DATASETS["openai/gsm8k"]
+    for name in ("train.jsonl", "test.jsonl", "LICENSE"):
+        assert (shipped / name).read_bytes() == (gsm8k_dir / name).read_bytes(), name
+    assert "MIT License" in (shipped / "LICENSE").read_text()
+
+
+def test_hub_id_falls_back_to_the_shipped_copy_with_one_warning(hub_offline, gsm8k_dir, tokenizer, caplog):
+    from workflows.dataset import load_raw_split
+
+    cfg = DatasetConfig()  # the default: path=openai/gsm8k, name=main
+    assert cfg.path == "openai/gsm8k"
+    with caplog.at_level("WARNING", logger="workflows.dataset"):
+        shipped = load_prompt_dataset(DatasetConfig(split="test"), tokenizer)
+        assert len(load_raw_split(cfg, "train")) == 7473  # the train split too; no second warning
+    local = load_prompt_dataset(DatasetConfig(path=str(gsm8k_dir), split="test"), tokenizer)
+    assert shipped.rows == local.rows and len(shipped) == 1319
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert len(warnings) == 1 and warnings[0].startswith("hub unreachable for openai/gsm8k; using the copy shipped")
+
+
+def test_unreachable_hub_id_without_a_copy_names_the_key_and_the_fix(hub_offline):
+    from engines.hub import HubUnreachableError
+    from workflows.dataset import load_raw_split
+
+    for cfg in (DatasetConfig(path="nobody-here/no-such-data"), DatasetConfig(name="socratic")):
+        with pytest.raises(HubUnreachableError) as info:
+            load_raw_split(cfg, "train")
+        message = str(info.value)
+        assert message.startswith(f"dataset.path={cfg.path!r}: the Hugging Face hub is unreachable")
+        assert message.endswith("pass dataset.path=<local dir of jsonl/parquet>") and "\n" not in message
