@@ -58,8 +58,9 @@ ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
 
 
 def config_dir() -> Path:
-    """The Hydra config tree: $AREAL_CONFIG_DIR, else `configs/` at the repository root."""
-    return Path(os.environ.get("AREAL_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+    """The Hydra config tree: $AREAL_CONFIG_DIR, else `configs/` beside this module (package
+    data, so it is there in a non-editable install too)."""
+    return Path(os.environ.get("AREAL_CONFIG_DIR", Path(__file__).resolve().parent / "configs"))
 
 
 def split_cli_args(args: list[str]) -> tuple[str, list[str]]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from launchers.executor import (
@@ -46,9 +45,11 @@ from launchers.executor import (
 )
 
 PYTHON_VERSION = "3.11"
-# Packages of this repository copied into the image; configs/ sits next to them so that
-# `areal_cli.config.config_dir()` finds it in the container as it does here.
+# Packages of this repository copied into the image with their package data (the config
+# tree areal_cli/configs/, the shipped GSM8K in workflows/data/), as `pip install` would:
+# Modal copies only `.py` files unless told otherwise, so only caches are left out.
 PROJECT_PACKAGES = ("areal_cli", "engines", "workflows", "launchers")
+PACKAGE_IGNORE = ("**/__pycache__", "**/*.pyc")
 REMOTE_ROOT = "/root"
 DEFAULT_MASTER_PORT = 29500
 # Shown for the dependencies when the installed distribution's metadata is unavailable.
@@ -198,13 +199,11 @@ class ModalExecutor(PollingCollect):
             base = {"call": "from_registry", "args": [spec.image], "kwargs": {"add_python": PYTHON_VERSION}}
         else:
             base = {"call": "debian_slim", "args": [], "kwargs": {"python_version": PYTHON_VERSION}}
-        configs = Path(__file__).resolve().parents[1] / "configs"
         return [
             base,
             {"call": "uv_pip_install", "args": list(self.requirements), "kwargs": {}},
-            {"call": "add_local_python_source", "args": list(PROJECT_PACKAGES), "kwargs": {}},
-            {"call": "add_local_dir", "args": [],
-             "kwargs": {"local_path": str(configs), "remote_path": f"{REMOTE_ROOT}/configs"}},
+            {"call": "add_local_python_source", "args": list(PROJECT_PACKAGES),
+             "kwargs": {"ignore": list(PACKAGE_IGNORE)}},
         ]
 
     def _env(self, spec: ReplicaSpec, rank: int | None, n_replicas: int) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,8 +41,8 @@ def test_modal_builds_one_app_and_function_with_the_spec(tmp_path):
                        secrets={"WANDB_API_KEY": "k" * 12})
     handles = executor.launch_replicas(spec, 2, run_id="r1")
     names = [name for name, _ in executor.sdk_calls]
-    assert names[:6] == ["modal.Image.debian_slim", "modal.Image.uv_pip_install", "modal.Image.add_local_python_source",
-                         "modal.Image.add_local_dir", "modal.Secret.from_dict", "modal.App"]
+    assert names[:5] == ["modal.Image.debian_slim", "modal.Image.uv_pip_install", "modal.Image.add_local_python_source",
+                         "modal.Secret.from_dict", "modal.App"]
     assert names.count("modal.Function.spawn") == 2
     options = dict(executor.sdk_calls)["modal.App.function"]
     assert options["gpu"] == "A100" and options["timeout"] == 91 and options["cpu"] == 4
@@ -50,6 +51,20 @@ def test_modal_builds_one_app_and_function_with_the_spec(tmp_path):
     assert len({h.remote_id for h in handles}) == 2 and all(h.remote_id.startswith("fc-") for h in handles)
     assert executor.supports_inter_replica_network is False
     executor.collect(handles, timeout=30)
+
+
+def test_modal_image_carries_the_package_data(tmp_path):
+    # The config tree and the shipped GSM8K live inside the packages; Modal's default
+    # filter would copy only .py files, so the adapter keeps everything but caches.
+    modal = pytest.importorskip("modal")
+    executor = ModalExecutor(FakeModal(tmp_path), requirements=[])
+    (step,) = [s for s in executor.plan(ReplicaSpec(entrypoint=py("pass")), 1, run_id="r")["image"]
+               if s["call"] == "add_local_python_source"]
+    ignored = modal.FilePatternMatcher(*step["kwargs"]["ignore"])
+    for kept in ("areal_cli/configs/smoke.yaml", "areal_cli/configs/model/tiny_random.yaml",
+                 "workflows/data/gsm8k/train.jsonl", "workflows/data/gsm8k/LICENSE", "engines/model.py"):
+        assert not ignored(Path(kept)), kept
+    assert ignored(Path("engines/__pycache__/model.cpython-311.pyc"))
 
 
 def test_modal_clustered_spawns_once_and_ranks_find_rank_zero(tmp_path):
@@ -129,7 +144,6 @@ def _real_modal_targets():
         "modal.Image.from_registry": modal.Image.from_registry,
         "modal.Image.uv_pip_install": modal.Image.uv_pip_install,
         "modal.Image.add_local_python_source": modal.Image.add_local_python_source,
-        "modal.Image.add_local_dir": modal.Image.add_local_dir,
         "modal.Secret.from_dict": modal.Secret.from_dict,
         "modal.App": modal.App,
         "modal.App.function": modal.App.function,
