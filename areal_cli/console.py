@@ -3,7 +3,7 @@ typed config or a clean exit with status 2."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +20,12 @@ def resolve_or_exit(words: list[str], *, world_size: Optional[int] = None, check
         name, overrides = split_cli_args(words)
         return load_config(name, overrides, world_size=world_size, check_paths=check_paths)
     except ConfigError as exc:
-        err.print("[bold red]config error:[/]", end=" ")
-        err.print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(code=2) from None
+        fail(str(exc))
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `config error: <message>` on stderr as one plain line and exit with `code`
+    (typer.Exit): the ending of every refused input, from a bad key to an unreachable
+    hub id."""
+    err.print(f"config error: {message}", markup=False, highlight=False)
+    raise typer.Exit(code=code) from None

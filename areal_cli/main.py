@@ -1,12 +1,12 @@
 """The `areal` command line.
 
-    areal train config=gsm8k_grpo dataset.path=../shared/data/gsm8k trainer.total_steps=3
+    areal train config=gsm8k_grpo trainer.total_steps=3  # GSM8K from the hub, or the shipped copy
     areal train config=smoke                      # tiny model, 2 steps, CPU, < 1 minute
     areal config show config=gsm8k_grpo actor.optimizer.lr=1e-5
 
-`config=NAME` picks `configs/NAME.yaml`; every other argument is a Hydra override
-(`a.b=c` sets, `+a.b=c` adds, `~a.b` deletes). A mistake in the config exits with status 2
-and a message that names the key.
+`config=NAME` picks `areal_cli/configs/NAME.yaml`; every other argument is a Hydra override
+(`a.b=c` sets, `+a.b=c` adds, `~a.b` deletes). A mistake in the config, or a hub id that
+cannot be reached with no offline copy, exits with status 2 and one line that names the key.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 
 from areal_cli.config import to_yaml
-from areal_cli.console import err, resolve_or_exit
+from areal_cli.console import err, fail, resolve_or_exit
 from areal_cli.launch import launch_app
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
     try:
         with stop_on_signals():  # Ctrl-C / SIGTERM from here on: an orderly stop, exit 130 / 143
             cfg = resolve_or_exit(words)
+            from engines.hub import HubUnreachableError
             from workflows.executor import RolloutFailureError
             from workflows.trainer import run_training  # heavy imports only when training
 
@@ -54,6 +55,8 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
             except RolloutFailureError as exc:  # rollouts kept failing; nothing was saved
                 err.print(f"error: {exc}", markup=False, highlight=False)
                 raise typer.Exit(code=1) from None
+            except HubUnreachableError as exc:  # a hub id with no offline copy: one line, exit 2
+                fail(str(exc))
     except RunInterrupted as exc:  # one line: where the run can be resumed from
         err.print(exc.resume_hint(["areal", "train", *words]), markup=False, highlight=False)
         raise typer.Exit(code=exc.exit_code) from None
