@@ -5,8 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 AREAL  := $(VENV)/bin/areal
 STAMP  := $(VENV)/.installed
-# Local GSM8K copy (the default config reads openai/gsm8k from the hub).
-DATA   ?= ../shared/data/gsm8k
+# GSM8K is openai/gsm8k from the hub, or offline the copy shipped in the package.
 ARGS   ?=
 
 .PHONY: install train smoke test test-slow bench lint clean
@@ -24,10 +23,10 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 train: install
-	$(AREAL) train config=gsm8k_grpo dataset.path=$(DATA) $(ARGS)
+	$(AREAL) train config=gsm8k_grpo $(ARGS)
 
 smoke: install
-	$(AREAL) train config=smoke dataset.path=$(DATA) $(ARGS)
+	$(AREAL) train config=smoke $(ARGS)
 
 test: install
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
