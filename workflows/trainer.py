@@ -150,15 +150,11 @@ def evaluate(cfg: ExperimentConfig, inference: LocalInferenceEngine, scorer: Rew
     return {"eval_accuracy": correct / max(len(rows), 1), "eval_num_prompts": len(rows)}
 
 
-def check_decoupled_config(cfg: ExperimentConfig) -> None:
-    if cfg.actor.use_decoupled_loss and not cfg.actor.recompute_logprob:
-        raise ValueError("actor.use_decoupled_loss=true needs actor.recompute_logprob=true (the proximal logprobs)")
-    if cfg.actor.behav_imp_weight_cap is not None and cfg.actor.behav_imp_weight_cap <= 1.0:
-        raise ValueError(f"actor.behav_imp_weight_cap={cfg.actor.behav_imp_weight_cap} must be > 1")
-
-
 def run_training(cfg: ExperimentConfig) -> Path:
     """Train per `cfg`; returns the run directory (stats.jsonl, config.yaml, checkpoints/).
+
+    `cfg` comes from `areal_cli.config.load_config`, which has checked every value
+    (areal_cli/validation.py).
 
     Raises:
         RunInterrupted: SIGINT or SIGTERM stopped the run (in the main thread, the
@@ -172,7 +168,6 @@ def run_training(cfg: ExperimentConfig) -> Path:
     # interleave with them.
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    check_decoupled_config(cfg)
     run_dir = cfg.resolved_run_dir()
 
     def describe(signum: int) -> str:
