@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +27,27 @@ class HubUnreachableError(OSError):
     """
 
 
+def unreachable_error(key: str, value: str, fix: str) -> HubUnreachableError:
+    """The one-line error for config key `key` holding hub id `value`, with the reason the
+    hub is unreachable and `fix` (e.g. `<local model dir>`) as what to pass instead."""
+    return HubUnreachableError(
+        f"{key}={value!r}: the Hugging Face hub is unreachable ({unreachable_reason()}) and no offline copy "
+        f"is known; pass {key}={fix}"
+    )
+
+
+def _offline_env() -> Optional[str]:
+    """`NAME=value` of the first offline variable set to a true value, else None."""
+    for name in OFFLINE_ENV:
+        value = os.environ.get(name, "").strip()
+        if value.upper() in {"1", "ON", "YES", "TRUE"}:
+            return f"{name}={value}"
+    return None
+
+
 def offline_by_env() -> bool:
     """True when the environment asks the Hugging Face libraries to stay offline."""
-    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for name in OFFLINE_ENV)
+    return _offline_env() is not None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -41,19 +60,26 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """
     if offline_by_env():
         return False
-    return _probe(float(timeout))
+    return _probe(float(timeout)) is None
+
+
+def unreachable_reason(timeout: float = 3.0) -> str:
+    """Why `hub_reachable()` says no, in a few words (the variable set, or the error)."""
+    return _offline_env() or _probe(float(timeout)) or "it answered"
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(timeout: float) -> bool:
+def _probe(timeout: float) -> Optional[str]:
+    """None when the hub answers, else the reason on one short line."""
     from huggingface_hub import constants, get_session
 
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception as exc:  # DNS failure, refused connection, timeout, proxy error...
-        logger.info("Hugging Face hub at %s unreachable: %s", constants.ENDPOINT, exc)
-        return False
-    return True
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        logger.debug("Hugging Face hub at %s unreachable: %s", constants.ENDPOINT, reason)
+        return f"{constants.ENDPOINT}: {reason[:160]}"
+    return None
 
 
 hub_reachable.cache_clear = _probe.cache_clear  # for tests

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from engines.config import MODEL_DTYPES, ModelConfig
-from engines.hub import HubUnreachableError, hub_reachable
+from engines.hub import hub_reachable, unreachable_error
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,7 @@ def resolve_model_dir(path: str, cache_dir: Optional[Path] = None) -> Path:
         except Exception:  # not in the local cache (or not a valid id): try the packaged copy
             pass
         if packaged is None:
-            raise HubUnreachableError(
-                f"model.path={path!r}: the Hugging Face hub is unreachable and no offline copy is known; "
-                "pass model.path=<local model dir>"
-            )
+            raise unreachable_error("model.path", path, "<local model dir>")
         logger.warning("hub unreachable for %s; using the packaged offline copy %s", path, packaged)
         return _convert_packaged_gguf(packaged, cache_dir)
     try:

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import datasets
 import torch
 
-from engines.hub import HubUnreachableError, hub_reachable
+from engines.hub import hub_reachable, unreachable_error
 from workflows.config import DatasetConfig
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,7 @@ def load_raw_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
         return datasets.load_dataset(cfg.path, cfg.name, split=split)
     packaged = PACKAGED_DATASETS.get(cfg.path)
     if packaged is None or cfg.name not in (None, "main"):
-        raise HubUnreachableError(
-            f"dataset.path={cfg.path!r}: the Hugging Face hub is unreachable and no offline copy is known; "
-            "pass dataset.path=<local dir of jsonl/parquet>"
-        )
+        raise unreachable_error("dataset.path", cfg.path, "<local dir of jsonl/parquet>")
     if cfg.path not in _warned_packaged:
         _warned_packaged.add(cfg.path)
         logger.warning("hub unreachable for %s; using the copy shipped with areal (%s)", cfg.path, packaged)

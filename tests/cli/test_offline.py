@@ -35,7 +35,8 @@ def test_unreachable_hub_ids_exit_2_with_one_line(tmp_path):
         assert proc.returncode == 2, (override, out[-500:], err[-2000:])
         errors = [line for line in err.splitlines() if line.startswith("config error:")]
         assert errors == [
-            f"config error: {key}: the Hugging Face hub is unreachable and no offline copy is known; {fix}"
+            f"config error: {key}: the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1) and no offline copy is "
+            f"known; {fix}"
         ], err
         # Besides it, at most the model's own fallback warning (the dataset case loads SmolLM2 first).
         others = [line for line in err.splitlines() if line.strip() and not line.startswith("config error:")]

@@ -8,7 +8,7 @@ import time
 import huggingface_hub
 import pytest
 
-from engines.hub import OFFLINE_ENV, HubUnreachableError, hub_reachable
+from engines.hub import OFFLINE_ENV, HubUnreachableError, hub_reachable, unreachable_reason
 
 
 class FakeSession:
@@ -53,9 +53,17 @@ def test_one_head_request_per_process_through_the_hf_session(session):
     assert session.calls == [(huggingface_hub.constants.ENDPOINT, 2.5)]
 
 
-def test_a_failing_request_means_unreachable(session):
+def test_a_failing_request_means_unreachable_and_says_why(session):
     session.fail = True
     assert not hub_reachable()
+    reason = unreachable_reason()
+    assert reason.startswith(huggingface_hub.constants.ENDPOINT) and "Name or service not known" in reason
+    assert len(session.calls) == 1  # the reason is the cached answer, not a second request
+
+
+def test_the_reason_names_the_offline_variable(session, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert unreachable_reason() == "HF_DATASETS_OFFLINE=1" and not session.calls
 
 
 def test_unreachable_unknown_model_id_fails_at_once_with_the_fix(monkeypatch, tmp_path):
@@ -68,7 +76,7 @@ def test_unreachable_unknown_model_id_fails_at_once_with_the_fix(monkeypatch, tm
     assert time.monotonic() - start < 5
     message = str(info.value)
     assert "\n" not in message and "model.path='nobody-here/no-such-model'" in message
-    assert "pass model.path=<local model dir>" in message
+    assert "hub is unreachable (HF_HUB_OFFLINE=1)" in message and message.endswith("pass model.path=<local model dir>")
     assert isinstance(info.value, OSError)  # callers that caught OSError still do
 
 
