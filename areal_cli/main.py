@@ -46,7 +46,7 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
     try:
         with stop_on_signals():  # Ctrl-C / SIGTERM from here on: an orderly stop, exit 130 / 143
             cfg = resolve_or_exit(words)
-            from engines.hub import HubUnreachableError
+            from engines.hub import HubError
             from workflows.executor import RolloutFailureError
             from workflows.trainer import run_training  # heavy imports only when training
 
@@ -55,7 +55,7 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
             except RolloutFailureError as exc:  # rollouts kept failing; nothing was saved
                 err.print(f"error: {exc}", markup=False, highlight=False)
                 raise typer.Exit(code=1) from None
-            except HubUnreachableError as exc:  # a hub id with no offline copy: one line, exit 2
+            except HubError as exc:  # a hub id not served, or unreachable with no offline copy: exit 2
                 fail(str(exc))
     except RunInterrupted as exc:  # one line: where the run can be resumed from
         err.print(exc.resume_hint(["areal", "train", *words]), markup=False, highlight=False)

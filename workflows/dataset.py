@@ -22,8 +22,9 @@ from typing import Iterator, Optional
 
 import datasets
 import torch
+from datasets.exceptions import DatasetNotFoundError
 
-from engines.hub import hub_reachable, unreachable_error
+from engines.hub import hub_reachable, refused_error, unreachable_error
 from workflows.config import DatasetConfig
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,16 @@ def load_raw_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
     Raises:
         FileNotFoundError: a local directory without files for `split`.
         HubUnreachableError: a hub id, the hub unreachable, and no shipped copy of it.
+        HubError: a hub id that the reachable hub has no dataset for (or refuses).
     """
     path = Path(cfg.path).expanduser()
     if path.exists():
         return _load_local(path, split, cfg.path)
     if hub_reachable():
-        return datasets.load_dataset(cfg.path, cfg.name, split=split)
+        try:
+            return datasets.load_dataset(cfg.path, cfg.name, split=split)
+        except DatasetNotFoundError as exc:  # no such dataset, or gated/private
+            raise refused_error("dataset.path", cfg.path, "<local dir of jsonl/parquet>", exc) from None
     packaged = PACKAGED_DATASETS.get(cfg.path)
     if packaged is None or cfg.name not in (None, "main"):
         raise unreachable_error("dataset.path", cfg.path, "<local dir of jsonl/parquet>")

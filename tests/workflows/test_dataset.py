@@ -114,3 +114,25 @@ def test_unreachable_hub_id_without_a_copy_names_the_key_and_the_fix(hub_offline
         message = str(info.value)
         assert message.startswith(f"dataset.path={cfg.path!r}: the Hugging Face hub is unreachable")
         assert message.endswith("pass dataset.path=<local dir of jsonl/parquet>") and "\n" not in message
+
+
+def test_a_dataset_the_reachable_hub_does_not_serve_is_one_line(monkeypatch):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    import workflows.dataset
+    from engines.hub import HubError, HubUnreachableError
+
+    def load_dataset(path, name=None, split=None):
+        raise DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(workflows.dataset, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(HubError) as info:
+        workflows.dataset.load_raw_split(DatasetConfig(path="nobody-here/no-such-data"), "train")
+    assert not isinstance(info.value, HubUnreachableError)
+    assert str(info.value) == (
+        "dataset.path='nobody-here/no-such-data': the Hugging Face hub has no such repository or refuses access "
+        "(Dataset 'nobody-here/no-such-data' doesn't exist on the Hub or cannot be accessed.); pass an existing "
+        "hub id or dataset.path=<local dir of jsonl/parquet>"
+    )
