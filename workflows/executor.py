@@ -426,7 +426,7 @@ class WorkflowExecutor:
             self._expire_stale()
             if len(self._ready) >= self.consumer_batch_size:
                 return self._take(self._oldest_first(self.consumer_batch_size))
-            self._pull(deadline, wanted=self.consumer_batch_size)
+            self._pull(deadline, wanted=self.consumer_batch_size, can_refill=True)
 
     def _refill(self, dataloader: Iterable[list[dict]], workflow: RolloutWorkflow, should_accept: AcceptFn | None) -> None:
         if self._data_source is not dataloader:
@@ -448,12 +448,18 @@ class WorkflowExecutor:
             for item in items:
                 self._enqueue(item, workflow, should_accept, bounded=False)
 
-    def _pull(self, deadline: float | None, *, wanted: int) -> list[TaskResult]:
-        """Block for at least one result from the runner; move accepted ones to `_ready`."""
+    def _pull(self, deadline: float | None, *, wanted: int, can_refill: bool = False) -> list[TaskResult]:
+        """Block for at least one result from the runner; move accepted ones to `_ready`.
+
+        With `can_refill` (the caller draws more data when this returns), returns [] at
+        once when nothing is pending or in flight but the staleness bound lets more start:
+        every rollout may have finished, rejected, since the caller last refilled.
+        """
         runner = self._require_runner()
         self._flush()
         self._raise_if_failed()
-        self._check_progress_possible(wanted)
+        if not self._check_progress_possible(wanted, can_refill=can_refill):
+            return []
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise TimeoutError(f"{len(self._ready)} of {wanted} trajectories ready when the timeout expired")
@@ -495,14 +501,18 @@ class WorkflowExecutor:
         with self._lock:
             return self._failure
 
-    def _check_progress_possible(self, wanted: int) -> None:
+    def _check_progress_possible(self, wanted: int, *, can_refill: bool = False) -> bool:
+        """True when a result can still arrive; False when none can but the caller may
+        refill (`can_refill` and staleness room left). Raises when no progress is possible."""
         runner = self._require_runner()
         # Under the lock no flush can move pending work to the runner, and with nothing
         # outstanding no result can arrive to trigger one, so the answer cannot go stale.
         with self._lock:
             if runner.get_num_outstanding() > 0 or self._paused:
-                return
+                return True
             if not self._pending:
+                if can_refill and self.staleness_manager.get_staleness_room() > 0:
+                    return False
                 raise RuntimeError(
                     f"waiting for {wanted} trajectories with {len(self._ready)} ready and no rollout pending or running"
                 )
@@ -514,6 +524,7 @@ class WorkflowExecutor:
                     "they can never start. Raise rollout.max_head_offpolicyness or the consumer batch size, "
                     "or use a separate executor for evaluation"
                 )
+        return True
 
     def _oldest_first(self, count: int) -> list[int]:
         # Earliest deadline first: a trajectory expires `max_head_offpolicyness` versions
