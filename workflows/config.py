@@ -11,7 +11,9 @@ class DatasetConfig:
     """Where prompts come from.
 
     `path` is a hub dataset id (read with `datasets.load_dataset`) or a local directory
-    (or file) of `.jsonl` / `.parquet` files such as `../shared/data/gsm8k`.
+    (or file) of `.jsonl` / `.parquet` files such as `train.jsonl` and `test.jsonl`.
+    With the hub unreachable, `openai/gsm8k` is read from the copy shipped with the
+    package (workflows/data/gsm8k/).
     """
 
     path: str = "openai/gsm8k"

@@ -1,0 +1,239 @@
+"""The parts of one training run: built from config, restored from a recover checkpoint
+(or reset for a fresh start), and closed.
+
+`workflows/trainer.py` drives the loop over these parts; this module decides what they are
+(`build_run`), where the loop starts (`find_resume_point`, `restore_or_reset`) and how they
+stop (`close_run`). Crash recovery itself (the checkpoint format) is workflows/recover.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from areal_cli.config import ExperimentConfig, to_yaml
+from engines.distributed import DistributedContext
+from engines.factories import setup_deterministic_mode
+from engines.inference import LocalInferenceEngine
+from engines.model import load_model, load_tokenizer, resolve_model_dir
+from engines.train_engine import TrainEngine
+from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
+from workflows.executor import WorkflowExecutor
+from workflows.recover import (
+    drop_trajectory_dumps,
+    find_recover_checkpoint,
+    load_recover_checkpoint,
+    read_recover_info,
+    remove_stale_temporaries,
+    truncate_records,
+)
+from workflows.reward import RewardScorer
+from workflows.rlvr import RLVRWorkflow
+from workflows.stats import NullStatsLogger, StatsLogger
+
+logger = logging.getLogger(__name__)
+
+
+def last_recover_step(run_dir: Path) -> Optional[int]:
+    """The step of the complete recover checkpoint in `run_dir`, or None."""
+    found = find_recover_checkpoint(Path(run_dir) / "checkpoints")
+    if found is None:
+        return None
+    try:
+        return read_recover_info(found).step
+    except (OSError, ValueError):
+        return None
+
+
+def find_resume_point(cfg: ExperimentConfig, run_dir: Path, dist_ctx: DistributedContext, say) -> Optional[Path]:
+    """The recover checkpoint to continue from (None: start at step 0), agreed by all ranks."""
+    checkpoints = run_dir / "checkpoints"
+    found = find_recover_checkpoint(checkpoints)
+    if found is not None and not cfg.trainer.resume:
+        say(f"trainer.resume=false: ignoring the recover checkpoint at step {read_recover_info(found).step} "
+            f"({found.relative_to(run_dir)}); starting from step 0")
+        found = None
+    elif found is None:
+        say(f"no recover checkpoint in {checkpoints}; starting from step 0")
+    if dist_ctx.world_size > 1:
+        mine = read_recover_info(found).step if found is not None else -1
+        steps: list = [None] * dist_ctx.world_size
+        dist.all_gather_object(steps, mine)
+        if len(set(steps)) > 1:
+            raise RuntimeError(
+                f"ranks disagree on the recover checkpoint (steps by rank, -1 = none: {steps}); "
+                f"run_dir={run_dir} must be on storage every rank sees, or set trainer.resume=false"
+            )
+    return found
+
+
+@dataclass
+class Run:
+    """The parts of one training run, built once by `build_run`."""
+
+    cfg: ExperimentConfig
+    dist_ctx: DistributedContext
+    run_dir: Path
+    stats_logger: StatsLogger
+    tokenizer: object
+    num_prompts: int
+    loader: PromptLoader
+    total_steps: int
+    eval_rows: list[dict]
+    inference: LocalInferenceEngine
+    engine: TrainEngine
+    scorer: RewardScorer
+    workflow: RLVRWorkflow
+    executor: WorkflowExecutor
+    dump_dir: Optional[Path]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+@dataclass
+class Position:
+    """Where the loop starts: 0 for a fresh run, the recover checkpoint's step otherwise."""
+
+    step: int = 0
+    stats_records: int = 0
+    reward_failures: int = 0
+    trained: Optional[TrainedPrompts] = None
+
+
+def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
+    """Model, data, sampler, trainer, reward and rollout controller, from config."""
+    run_dir = cfg.resolved_run_dir()
+    if dist_ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir / "checkpoints")
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        stats_logger = StatsLogger(run_dir / cfg.stats_logger.file_name, print_every=cfg.stats_logger.print_every)
+    else:
+        stats_logger = NullStatsLogger()
+    setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
+
+    model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    tokenizer = load_tokenizer(model_dir)
+    train_data = load_prompt_dataset(cfg.dataset, tokenizer)
+    stats_logger.info(f"data: {train_data.report()}")
+    loader = PromptLoader(
+        train_data,
+        batch_size=cfg.dataset.batch_size,
+        shuffle=cfg.dataset.shuffle,
+        seed=cfg.seed,
+        rank=dist_ctx.rank,
+        world_size=dist_ctx.world_size,
+    )
+    total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * loader.steps_per_epoch()
+    eval_rows: list[dict] = []
+    if cfg.trainer.eval_freq_steps > 0 and dist_ctx.is_main:
+        eval_rows = load_prompt_dataset(cfg.dataset, tokenizer, split=cfg.dataset.eval_split).rows
+        eval_rows = eval_rows[: cfg.dataset.max_eval_samples]
+
+    policy = load_model(cfg.model, model_dir, seed=cfg.seed)
+    # The sampler owns its own copy so that generation, which runs while the trainer
+    # updates the policy, never reads half-updated weights.
+    inference = LocalInferenceEngine(
+        copy.deepcopy(policy),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_batch_size=cfg.gconfig.max_batch_size,
+    )
+    engine = TrainEngine(
+        cfg.actor,
+        policy,
+        total_steps=total_steps,
+        max_sequence_tokens=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens,
+        temperature=cfg.gconfig.temperature,
+        # The reference model (KL penalty) is the initial policy, also after a resume.
+        ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,
+        dist_ctx=dist_ctx,
+    )
+    scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
+    try:  # the scorer holds processes: nothing below may leave them behind
+        sampling_seed = cfg.seed if cfg.actor.deterministic else None
+        workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
+        dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
+        executor = WorkflowExecutor(
+            cfg.rollout,
+            inference,
+            consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
+            trajectory_dump_dir=dump_dir,
+        )
+    except BaseException:
+        scorer.close()
+        inference.destroy()
+        raise
+    return Run(
+        cfg=cfg, dist_ctx=dist_ctx, run_dir=run_dir, stats_logger=stats_logger, tokenizer=tokenizer,
+        num_prompts=len(train_data), loader=loader, total_steps=total_steps, eval_rows=eval_rows,
+        inference=inference, engine=engine, scorer=scorer, workflow=workflow, executor=executor, dump_dir=dump_dir,
+    )
+
+
+def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:
+    """Load the recover checkpoint into the run's parts, or clear what an earlier run left;
+    either way roll `stats.jsonl` and the trajectory dumps back to the starting step, so no
+    step appears twice."""
+    position = Position(trained=TrainedPrompts(run.loader.epoch_size))
+    say = run.stats_logger.info
+    if resume_from is not None:
+        info = load_recover_checkpoint(resume_from, run.engine, run.inference)
+        if info.num_prompts != run.num_prompts:
+            raise ValueError(
+                f"{resume_from} was written for {info.num_prompts} training prompts but dataset.path="
+                f"{run.cfg.dataset.path!r} has {run.num_prompts}; resume with the same data or set trainer.resume=false"
+            )
+        if info.total_steps != run.total_steps:
+            logger.warning(
+                "the recover checkpoint was written for %d total steps, this run has %d: the LR schedule "
+                "continues from the saved state", info.total_steps, run.total_steps,
+            )
+        position = Position(
+            step=info.step,
+            stats_records=info.stats_records,
+            reward_failures=info.reward_failures,
+            trained=TrainedPrompts.from_state_dict(info.data_position, epoch_size=run.loader.epoch_size),
+        )
+        run.loader.resume(position.trained)
+        say(f"resuming from step {position.step} ({resume_from.relative_to(run.run_dir)})")
+    if run.dist_ctx.is_main:
+        if resume_from is None:
+            # A fresh start supersedes an ignored checkpoint: resuming from it later would
+            # pair it with this run's stats and data.
+            for stale in (run.checkpoints / "recover", run.checkpoints / "recover.old"):
+                if stale.exists():
+                    shutil.rmtree(stale)
+                    say(f"removed the superseded recover checkpoint {stale}")
+        try:
+            dropped = truncate_records(run.stats_logger.path, position.stats_records)
+        except ValueError as exc:
+            logger.warning("stats not rolled back: %s", exc)
+            dropped = 0
+        if dropped:
+            what = f"after step {position.step}" if resume_from is not None else "by an earlier run (fresh start)"
+            say(f"dropped {dropped} stats record(s) written {what}")
+        if run.dump_dir is not None:
+            drop_trajectory_dumps(run.dump_dir, from_version=position.step)
+            run.dump_dir.mkdir(parents=True, exist_ok=True)
+    return position
+
+
+def close_run(run: Run) -> None:
+    """Stop the rollout thread, the reward process pool and the inference worker, each
+    even if an earlier one fails."""
+    try:
+        run.executor.destroy()
+    finally:
+        try:
+            run.scorer.close()
+        finally:
+            run.inference.destroy()
