@@ -74,9 +74,7 @@ def test_non_editable_install_trains_offline_from_an_empty_directory(tmp_path):
         cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "step_2" / "config.json").exists() or any(
-        (run_dir / "checkpoints").glob("*/config.json")
-    ), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert (run_dir / "checkpoints" / "step_2" / "config.json").exists(), result.stdout[-2000:]
     # The installed code ran, not this checkout's, and the shipped GSM8K was read.
     assert "hub unreachable for openai/gsm8k; using the copy shipped with areal" in result.stderr
     assert str(REPO) not in result.stderr
