@@ -1,6 +1,6 @@
 """`config=NAME` plus Hydra overrides -> a typed `ExperimentConfig`.
 
-The YAML files in `configs/` are merged onto the dataclasses below (Hydra structured
+The YAML files in `areal_cli/configs/` are merged onto the dataclasses below (Hydra structured
 configs), so an unknown key or a value of the wrong type is refused before anything
 runs. `load_config` turns those refusals into a `ConfigError` that names the key and, for
 a typo, the closest valid key.

@@ -1,6 +1,6 @@
 """Configuration of what computes: the policy model, sampling, the optimizer and the actor.
 
-Plain dataclasses. Hydra merges the YAML files in `configs/` onto them, so every field
+Plain dataclasses. Hydra merges the YAML files in `areal_cli/configs/` onto them, so every field
 here is a key a user can override from the command line (`actor.optimizer.lr=1e-5`).
 Runtime objects (a model, a tokenizer, a process group) never live in a config; they are
 passed to the factories in `engines/factories.py`.

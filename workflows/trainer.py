@@ -153,6 +153,9 @@ def run_training(cfg: ExperimentConfig) -> Path:
             rejected; nothing was saved on the way out.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # huggingface_hub's HTTP client logs every request at INFO.
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Our own progress bar and stats lines say what is happening; library bars would
     # interleave with them.
     datasets.disable_progress_bars()
