@@ -48,6 +48,24 @@ def tiny_model(model_dir):
     return load_model(cfg, model_dir, seed=0)
 
 
+def schema_leaves(cls=None, prefix: str = ""):
+    """(dotted key, annotation) for every leaf key of the config schema (ExperimentConfig)."""
+    import dataclasses
+    import typing
+
+    if cls is None:
+        from areal_cli.config import ExperimentConfig
+
+        cls = ExperimentConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from schema_leaves(type(default), prefix + f.name + ".")
+        else:
+            yield prefix + f.name, hints[f.name]
+
+
 def areal_cli(*args: str) -> list[str]:
     """argv that runs the real `areal` CLI of this checkout in a subprocess."""
     return [sys.executable, "-m", "areal_cli.main", *args]

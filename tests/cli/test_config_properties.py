@@ -8,7 +8,6 @@ from it without a model (the factories, the staleness bound, the micro-batch bud
 """
 
 import dataclasses
-import typing
 
 import pytest
 import torch
@@ -18,18 +17,7 @@ from typer.testing import CliRunner
 
 from areal_cli.config import ExperimentConfig
 from areal_cli.main import app
-
-
-def schema_leaves(cls=ExperimentConfig, prefix=""):
-    """(dotted key, annotation) for every leaf of the schema."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            yield from schema_leaves(type(default), prefix + f.name + ".")
-        else:
-            yield prefix + f.name, hints[f.name]
-
+from tests.conftest import schema_leaves
 
 LEAVES = dict(schema_leaves())
 # Keys whose valid values would make the stub touch the network or the file system.

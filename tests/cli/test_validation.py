@@ -7,7 +7,7 @@ import time
 import pytest
 
 from areal_cli.config import ConfigError, load_config
-from tests.conftest import REPO, areal_cli, cli_env
+from tests.conftest import REPO, areal_cli, cli_env, schema_leaves
 
 # (override, text the one-line refusal must contain). The key and the bad value are
 # always named; the rest says what to change.
@@ -232,21 +232,8 @@ def test_launch_checks_batch_against_replicas(tmp_path):
 
 def test_every_constrained_key_has_a_rule():
     """A new schema key gets a row in validation.RULES unless any value of its type is fine."""
-    import dataclasses
-    import typing
-
-    from areal_cli.config import ExperimentConfig
     from areal_cli.validation import RULES
 
-    def leaves(cls, prefix=""):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if dataclasses.is_dataclass(default):
-                yield from leaves(type(default), prefix + f.name + ".")
-            else:
-                yield prefix + f.name, hints[f.name]
-
     unconstrained = {"seed", "run_dir", "cache_dir", "model.path", "model.config_overrides", "dataset.path", "dataset.name"}
-    needs_rule = {key for key, annotation in leaves(ExperimentConfig) if annotation is not bool and key not in unconstrained}
+    needs_rule = {key for key, annotation in schema_leaves() if annotation is not bool and key not in unconstrained}
     assert needs_rule - {rule.key for rule in RULES} == set()
