@@ -52,7 +52,7 @@ import torch
 from workflows.batch import concat_padded_tensors, oldest_version
 from workflows.config import RolloutConfig
 from workflows.staleness import RolloutStats, StalenessManager
-from workflows.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult
+from workflows.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult, last_line
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,6 @@ class RolloutFailureError(RuntimeError):
             message += f"; last error: {self.last_error}"
         message += "; fix the cause, or raise rollout.max_consecutive_rejections if so many rejections are expected"
         return message + (f"; {self.context}" if self.context else "")
-
-
-def last_line(traceback_text: str) -> str:
-    """The final non-empty line of a formatted traceback: `ExceptionType: message`."""
-    lines = [line.strip() for line in traceback_text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else traceback_text
 
 
 class RolloutWorkflow(Protocol):

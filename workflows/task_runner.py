@@ -34,6 +34,12 @@ TaskId = int | str
 ResultCallback = Callable[["TaskResult"], None]
 
 
+def last_line(traceback_text: str) -> str:
+    """The final non-empty line of a formatted traceback: `ExceptionType: message`."""
+    lines = [line.strip() for line in traceback_text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else traceback_text
+
+
 class TaskQueueFullError(RuntimeError):
     """`AsyncTaskRunner.submit` found `max_queue_size` tasks waiting to start."""
 
@@ -300,7 +306,7 @@ class AsyncTaskRunner:
             result = TaskResult(task.task_id, error="cancelled", cancelled=True)
         except Exception:  # noqa: BLE001 - any task failure becomes a result, never a dead loop
             tb = traceback.format_exc()
-            last = tb.strip().splitlines()[-1]
+            last = last_line(tb)
             if last in self._logged_errors:
                 logger.warning("%s: task %r failed: %s", self.name, task.task_id, last)
             else:

@@ -163,7 +163,7 @@ def run_training(cfg: ExperimentConfig) -> Path:
     run_dir = cfg.resolved_run_dir()
 
     def describe(signum: int) -> str:
-        return _interrupted(signum, run_dir).resume_hint()
+        return _locate(RunInterrupted(signum), run_dir).resume_hint()
 
     with stop_on_signals(describe):
         try:
@@ -174,12 +174,12 @@ def run_training(cfg: ExperimentConfig) -> Path:
                 with deferred_stop():
                     shutdown_distributed()
         except RunInterrupted as exc:
-            exc.run_dir, exc.recover_step = run_dir, last_recover_step(run_dir)
+            _locate(exc, run_dir)
             raise
 
 
-def _interrupted(signum: int, run_dir: Path) -> RunInterrupted:
-    exc = RunInterrupted(signum)
+def _locate(exc: RunInterrupted, run_dir: Path) -> RunInterrupted:
+    """`exc` with the run directory and its last recover checkpoint's step filled in."""
     exc.run_dir, exc.recover_step = run_dir, last_recover_step(run_dir)
     return exc
 
