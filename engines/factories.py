@@ -27,8 +27,11 @@ def create_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> to
     """
     kind = cfg.type.lower()
     if kind == "adamw":
+        # The fused kernel (CPU and CUDA) updates each tensor in one pass; the default
+        # multi-tensor path allocates temporaries the size of all parameters (the model
+        # in float32 once more at peak) and is slower on CPU.
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True
         )
     if kind == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -114,6 +117,17 @@ def build_ac_config(model: nn.Module, enabled: bool) -> list[nn.Module]:
     # The KV cache is useless while training and incompatible with recomputation.
     model.config.use_cache = False
     return layers
+
+
+def setup_cpu_threads() -> int:
+    """Give torch's intra-op pool every CPU this process may use, shared among the
+    replicas on this machine (`LOCAL_WORLD_SIZE`, set by `areal launch`), so two local
+    replicas do not each start a thread per core. An explicit `OMP_NUM_THREADS` wins.
+    Returns the number of threads in use."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    return torch.get_num_threads()
 
 
 def setup_deterministic_mode(seed: int, enabled: bool) -> None:

@@ -28,22 +28,8 @@ from engines.factories import (
     create_optimizer,
     validate_and_force_pad_to_maximum,
 )
+from engines.logprobs import token_logprobs
 from engines.ppo import kl_penalty, masked_mean, ppo_clipped_loss
-
-
-def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(input_ids[:, t] | input_ids[:, :t]) under `model` at `temperature`.
-
-    Args:
-        input_ids, attention_mask: [B, L] long, right-padded.
-    Returns:
-        [B, L] float32, 0 at position 0 (nothing predicts the first token) and on padding.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return torch.nn.functional.pad(logp, (1, 0)) * attention_mask
 
 
 def split_micro_batches(lengths: list[int], max_tokens: int, pad_to: int = 0) -> list[list[int]]:
@@ -67,6 +53,10 @@ def split_micro_batches(lengths: list[int], max_tokens: int, pad_to: int = 0) ->
 
 @dataclass
 class TrainStats:
+    """One update's statistics. `loss` and `num_loss_tokens` cover the whole batch; the
+    clip fraction and importance weights cover the tokens that carry a gradient (rows
+    with a non-zero advantage, see `TrainEngine._rows_with_gradient`), 0 when none do."""
+
     loss: float
     grad_norm: float
     lr: float
@@ -203,9 +193,14 @@ class TrainEngine:
 
     def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         """(row indices, micro-batch) pairs within the token budget; 2-D tensors are cut
-        to the longest sequence, or padded to `pad_to` with `pad_to_maximum`."""
+        to the micro-batch's longest sequence, or padded to `pad_to` with `pad_to_maximum`."""
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        groups = split_micro_batches(lengths, self.cfg.max_tokens_per_mb, self.pad_to)
+        # Longest first, so each micro-batch holds sequences of similar length and pads
+        # little. With `pad_to_maximum` every row has the same width anyway and the batch
+        # order is kept (deterministic mode keeps its numerics).
+        order = list(range(len(lengths))) if self.pad_to else sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        groups = split_micro_batches([lengths[i] for i in order], self.cfg.max_tokens_per_mb, self.pad_to)
+        groups = [[order[j] for j in group] for group in groups]
         out = []
         for idx in groups:
             width = self.pad_to or max(lengths[i] for i in idx)
@@ -221,16 +216,19 @@ class TrainEngine:
     @torch.no_grad()
     def compute_logp(self, batch: dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> torch.Tensor:
         """Per-token logprobs of `batch["input_ids"]` under the current policy (or
-        `model`), without gradients. Returns [B, L] float32, same L as the batch."""
+        `model`), without gradients. Returns [B, L] float32, same L as the batch; with a
+        `loss_mask` in the batch, 0 outside it (only trained tokens are scored)."""
         model = model or self.model
         was_training = model.training
         model.eval()
         B, L = batch["input_ids"].shape
         out = torch.zeros(B, L, dtype=torch.float32)
-        # The same micro-batches (and shapes) as the training forward pass.
-        tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        # The same micro-batches (and shapes) as the training forward pass; only the
+        # trained tokens are scored when the batch says which they are.
+        keys = ("input_ids", "attention_mask", "loss_mask")
+        tokens = {k: batch[k] for k in keys if k in batch}
         for idx, mb in self._micro_batches(tokens):
-            logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature)
+            logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb.get("loss_mask"))
             width = min(L, logp.shape[1])
             out[idx, :width] = logp[:, :width]
         model.train(was_training)
@@ -241,7 +239,7 @@ class TrainEngine:
         (differentiable loss, PPO statistics, this micro-batch's share of the KL)."""
         cfg = self.cfg
         model = self.ddp if self.ddp is not None else self.model
-        logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature)
+        logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb["loss_mask"])
         use_prox = cfg.use_decoupled_loss and "prox_logp" in mb
         out = ppo_clipped_loss(
             logp,
@@ -293,6 +291,25 @@ class TrainEngine:
             num_loss_tokens=sum(r.num_loss_tokens for r in records),
         )
 
+    def _rows_with_gradient(self, mini: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rows of a minibatch that can change the policy.
+
+        Without a KL term, a sequence whose advantage is 0 on every trained token adds
+        exactly 0 to the clipped surrogate and to its gradient (the loss keeps dividing by
+        the whole minibatch's token count), so it is left out of the forward and backward
+        passes. In GRPO that is every group whose samples all scored the same, most
+        groups while a policy rarely or always solves its prompts. With several ranks
+        each keeps at least one row so that every rank joins the gradient all-reduce.
+        """
+        if self.cfg.kl_ctl > 0:
+            return mini
+        keep = ((mini["advantages"] != 0) & mini["loss_mask"].bool()).any(dim=1)
+        if self.world_size > 1 and not keep.any():
+            keep[0] = True
+        if bool(keep.all()):
+            return mini
+        return {k: v[keep] for k, v in mini.items()}
+
     def _optimizer_step(self, mini: dict[str, torch.Tensor]) -> TrainStats:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
@@ -305,8 +322,15 @@ class TrainEngine:
             num_tokens = float(total)
         totals = dict(loss=0.0, clip_fraction=0.0, importance_weight_mean=0.0, masked_fraction=0.0, kl=0.0)
         weight_max = 0.0
+        mini = self._rows_with_gradient(mini)
         local_tokens = float(mini["loss_mask"].sum())
-        micro_batches = [mb for _, mb in self._micro_batches(mini)]
+        micro_batches = [mb for _, mb in self._micro_batches(mini)] if len(mini["input_ids"]) else []
+        if not micro_batches:
+            # Nothing carries a gradient: the optimizer still steps (zero gradient), as it
+            # would have after a backward pass whose loss was exactly zero.
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    param.grad = torch.zeros_like(param)
         for i, mb in enumerate(micro_batches):
             # DDP all-reduces gradients on the last micro-batch's backward only.
             last = i == len(micro_batches) - 1
@@ -331,6 +355,8 @@ class TrainEngine:
         max_norm = cfg.optimizer.gradient_clipping if cfg.optimizer.gradient_clipping > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
+        # Free the gradients now rather than at the next step: generation runs in between.
+        self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.lr_scheduler.step()
         return TrainStats(

@@ -227,13 +227,17 @@ def _redact(obj: Any, values: list[str]) -> Any:
 # Helpers shared by the backends
 
 
-def rank_env(*, rank: int, world_size: int, master_addr: str, master_port: int) -> dict[str, str]:
-    """The variables torch.distributed's `env://` rendezvous reads (one replica per node)."""
+def rank_env(
+    *, rank: int, world_size: int, master_addr: str, master_port: int, replicas_per_node: int = 1
+) -> dict[str, str]:
+    """The variables torch.distributed's `env://` rendezvous reads. Cloud backends run
+    one replica per node; the local backend runs all of them on this machine, where
+    `LOCAL_WORLD_SIZE` also tells each how many cores it may use."""
     return {
         "RANK": str(rank),
         "WORLD_SIZE": str(world_size),
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "1",
+        "LOCAL_RANK": str(rank % replicas_per_node),
+        "LOCAL_WORLD_SIZE": str(replicas_per_node),
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),
     }

@@ -89,7 +89,13 @@ class LocalProcessExecutor(PollingCollect):
                 "argv": list(spec.entrypoint),
                 "env": {
                     **spec.env,
-                    **rank_env(rank=r, world_size=n_replicas, master_addr=LOCAL_MASTER_ADDR, master_port=port),
+                    **rank_env(
+                        rank=r,
+                        world_size=n_replicas,
+                        master_addr=LOCAL_MASTER_ADDR,
+                        master_port=port,
+                        replicas_per_node=n_replicas,
+                    ),
                 },
                 "secrets": sorted(spec.secrets),
                 "log_path": str(self.run_dir / f"rank{r}.log"),

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from areal_cli.config import ExperimentConfig, to_yaml
 from engines.distributed import DistributedContext
-from engines.factories import setup_deterministic_mode
+from engines.factories import setup_cpu_threads, setup_deterministic_mode
 from engines.inference import LocalInferenceEngine
 from engines.model import load_model, load_tokenizer, resolve_model_dir
 from engines.train_engine import TrainEngine
@@ -119,6 +119,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
     else:
         stats_logger = NullStatsLogger()
     setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
+    setup_cpu_threads()
 
     model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
     tokenizer = load_tokenizer(model_dir)
@@ -139,13 +140,17 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
         eval_rows = eval_rows[: cfg.dataset.max_eval_samples]
 
     policy = load_model(cfg.model, model_dir, seed=cfg.seed)
-    # The sampler owns its own copy so that generation, which runs while the trainer
-    # updates the policy, never reads half-updated weights.
+    # With staleness > 0 generation runs while the trainer updates the policy, so the
+    # sampler needs its own copy (it must never read half-updated weights). Synchronous
+    # RL never overlaps the two, and the sampler decodes from the policy itself: one
+    # model's worth of memory less.
+    overlap = cfg.rollout.max_head_offpolicyness > 0
     inference = LocalInferenceEngine(
-        copy.deepcopy(policy),
+        copy.deepcopy(policy) if overlap else policy,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         max_batch_size=cfg.gconfig.max_batch_size,
+        shares_weights=not overlap,
     )
     engine = TrainEngine(
         cfg.actor,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +27,15 @@ CONSOLE_FIELDS = (
     ("gen_tokens_per_s", "gen tok/s", ".0f"),
     ("staleness_max", "stale", "d"),
     ("step_time_s", "time s", ".1f"),
+    ("peak_rss_gb", "rss GB", ".2f"),
 )
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size so far, in GB (10^9 bytes); child processes
+    (reward workers) are not included."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 class StatsLogger:

@@ -67,6 +67,7 @@ from workflows.recover import (
 from workflows.reward import RewardScorer
 from workflows.run import Run, build_run, close_run, find_resume_point, last_recover_step, restore_or_reset
 from workflows.shutdown import RunInterrupted, deferred_stop, stop_on_signals
+from workflows.stats import peak_rss_gb
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,15 @@ def batch_stats(sequences: dict[str, torch.Tensor]) -> dict[str, float]:
         "response_length_max": int(lengths.max()),
         "num_sequences": int(rewards.numel()),
     }
+
+
+def logprob_agreement(batch: dict[str, torch.Tensor], recomputed: torch.Tensor, version: int) -> dict[str, float]:
+    """Mean |sampler logprob - trainer logprob| (nats per token) over the trained tokens
+    sampled by the current policy version, where the two should agree up to numerics
+    (mixed precision, batch shapes); NaN when no token is that fresh."""
+    fresh = batch["loss_mask"].bool() & (batch["versions"] == version)
+    diff = (batch["logprobs"] - recomputed).abs()[fresh]
+    return {"logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else float("nan")}
 
 
 def evaluate(cfg: ExperimentConfig, inference: LocalInferenceEngine, scorer: RewardScorer, tokenizer, rows: list[dict]) -> dict:
@@ -285,19 +295,28 @@ def train_step(
     tokens_before = inference.num_generated_tokens
     batch = sort_by_prompt(executor.prepare_batch(loader, workflow))
     wait_seconds = time.perf_counter() - start
+    gen_tokens = inference.num_generated_tokens - tokens_before
+    if inference.shares_weights and executor.get_stats().running:
+        # The sampler decodes from the policy itself; a rollout running now would read
+        # weights while they change (the staleness bound 0 must leave none running).
+        raise RuntimeError("a rollout is still running while the shared policy trains")
     version = engine.get_version()
     staleness = staleness_stats(batch["versions"], batch["loss_mask"], version)
     batch["advantages"] = compute_advantages(batch, cfg)
     if cfg.actor.kl_ctl > 0:
         batch["ref_logp"] = engine.compute_logp(batch, model=engine.ref_model)
+    extra = {}
     if cfg.actor.recompute_logprob:
         prox_logp = engine.compute_logp(batch)
+        extra = logprob_agreement(batch, prox_logp, version)
         if cfg.actor.use_decoupled_loss:
             batch["prox_logp"] = prox_logp
         else:
             # Plain PPO, with the current weights as the trust-region anchor.
             batch["logprobs"] = prox_logp
+    train_start = time.perf_counter()
     train = engine.train_batch(batch)
+    train_seconds = time.perf_counter() - train_start
 
     # Weight update: no rollout starts while the sampler's weights change; rollouts in
     # flight finish with the version they started with (their tokens say so).
@@ -323,9 +342,15 @@ def train_step(
         "rollouts_rejected": rollout.rejected,
         "rollouts_running": rollout.running,
         "capacity": executor.get_capacity(),
-        "gen_tokens_per_s": (inference.num_generated_tokens - tokens_before) / max(elapsed, 1e-9),
+        "gen_tokens": gen_tokens,
+        "gen_tokens_per_s": gen_tokens / max(elapsed, 1e-9),
+        "train_tokens": int(batch["attention_mask"].sum()),
+        "train_tokens_per_s": int(batch["attention_mask"].sum()) / max(train_seconds, 1e-9),
         "rollout_wait_s": wait_seconds,
+        "train_time_s": train_seconds,
         "step_time_s": elapsed,
+        "peak_rss_gb": peak_rss_gb(),
+        **extra,
         "prompt_ids": [i for _, i in prompts],
         "prompt_epochs": [e for e, _ in prompts],
     }

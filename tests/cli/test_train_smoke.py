@@ -27,8 +27,13 @@ def test_smoke_writes_stats_config_and_loadable_checkpoint(tmp_path, gsm8k_dir):
     result = train(tmp_path, gsm8k_dir)
     records = read_stats(tmp_path / "stats.jsonl")
     assert [r["step"] for r in records] == [1, 2]
-    for key in ("reward_mean", "accuracy", "response_length_mean", "loss", "grad_norm", "lr", "gen_tokens_per_s", "step_time_s"):
+    keys = ("reward_mean", "accuracy", "response_length_mean", "loss", "grad_norm", "lr", "gen_tokens_per_s",
+            "train_tokens_per_s", "train_time_s", "step_time_s", "peak_rss_gb")
+    for key in keys:
         assert all(isinstance(r[key], (int, float)) for r in records), key
+    # The process's peak RSS: at least the torch runtime, never decreasing.
+    assert 0.2 < records[0]["peak_rss_gb"] <= records[1]["peak_rss_gb"] < 8
+    assert all(r["train_tokens"] >= r["gen_tokens"] > 0 for r in records)
     assert all(r["num_sequences"] == 4 for r in records)  # 2 prompts x 2 samples
     assert "step 2/2" in result.stdout and "reward" in result.stdout
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())

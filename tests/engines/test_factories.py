@@ -116,3 +116,21 @@ def test_pad_to_maximum_validation():
     det = ActorConfig(max_tokens_per_mb=100, deterministic=True)
     assert validate_and_force_pad_to_maximum(det, max_sequence_tokens=80) == 80
     assert det.pad_to_maximum
+
+
+def test_cpu_threads_are_shared_among_local_replicas(monkeypatch):
+    from engines.factories import setup_cpu_threads
+
+    before = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert setup_cpu_threads() == cpus
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus * 2))  # more replicas than cores
+        assert setup_cpu_threads() == 1
+        torch.set_num_threads(cpus)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's explicit choice is kept
+        assert setup_cpu_threads() == cpus
+    finally:
+        torch.set_num_threads(before)

@@ -3,7 +3,7 @@ import asyncio
 import torch
 
 from engines.inference import GenerationRequest, InferenceEngine, LocalInferenceEngine
-from engines.train_engine import token_logprobs
+from engines.logprobs import token_logprobs
 
 
 def make_engine(model, tokenizer, **kw):
@@ -115,4 +115,26 @@ def test_generation_fault_injection(tiny_model, tokenizer, monkeypatch):
     engine.set_version(2)
     with pytest.raises(RuntimeError, match=f"injected generation failure at policy version 2 \\({FAULT_ENV}=2\\)"):
         engine.generate([request])
+    engine.destroy()
+
+
+def test_shared_prompt_prefill_matches_plain_generate(tiny_model, tokenizer):
+    """Rows repeating a prompt are prefilled once and decoded from a preallocated cache;
+    greedy completions and their logprobs equal transformers' own generate."""
+    engine = make_engine(tiny_model, tokenizer)
+    prompts = [[1, 520, 9531, 198], [1, 4093, 198, 1780, 314, 216], [1, 520, 9531, 198], [7, 8]]
+    responses = engine.generate([GenerationRequest(input_ids=p, max_new_tokens=7, top_k=1) for p in prompts])
+    for prompt, response in zip(prompts, responses):
+        ids = torch.tensor([prompt])
+        out = tiny_model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=7,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        expected = out[0, len(prompt) :].tolist()
+        if tokenizer.eos_token_id in expected:
+            expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+        assert response.output_ids == expected
+        full = torch.tensor([prompt + response.output_ids])
+        logp = token_logprobs(tiny_model, full, torch.ones_like(full), temperature=1.0)[0, len(prompt) :]
+        torch.testing.assert_close(torch.tensor(response.output_logprobs), logp, atol=1e-4, rtol=1e-4)
     engine.destroy()
