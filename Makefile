@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # GSM8K is openai/gsm8k from the hub, or offline the copy shipped in the package.
 ARGS   ?=
 
-.PHONY: install train smoke test test-slow bench lint clean
+.PHONY: install train smoke test test-slow bench bench-peer lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,12 +34,18 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow $(ARGS)
 
+# Quick benchmarks (no model download, a minute or two).
 bench: install
-	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
+	$(PY) benchmarks/rollout_controller.py
+
+# areal against TRL's GRPOTrainer on the same work (docs/benchmarks.md). Installs TRL
+# into its own .venv-trl on first use; about 20 minutes on a 2-core CPU.
+bench-peer: install
+	$(PY) benchmarks/peer_trl.py $(ARGS)
 
 lint: install
 	$(PY) -m pip install -q ruff
 	$(VENV)/bin/ruff check areal_cli engines workflows launchers tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-trl runs
