@@ -7,6 +7,7 @@ lives in exactly one place and is unit-tested on its own.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import random
@@ -128,6 +129,27 @@ def setup_cpu_threads() -> int:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     return torch.get_num_threads()
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def setup_malloc(mmap_threshold: int = 1 << 20, trim_threshold: int = 32 << 20) -> bool:
+    """Serve every allocation of `mmap_threshold` bytes or more with its own mmap, so a
+    freed tensor goes back to the kernel at once.
+
+    glibc otherwise raises its mmap threshold up to 32 MB as large blocks are freed, after
+    which the activations, KV caches and logits of each step come from the heap, where
+    freed holes of varying sizes keep the process's RSS at its high-water mark and
+    beyond: the GRPO step on SmolLM2-135M peaked 1.2 GB higher without this
+    (docs/benchmarks.md). No-op (returns False) where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def setup_deterministic_mode(seed: int, enabled: bool) -> None:

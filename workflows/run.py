@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from areal_cli.config import ExperimentConfig, to_yaml
 from engines.distributed import DistributedContext
-from engines.factories import setup_cpu_threads, setup_deterministic_mode
+from engines.factories import setup_cpu_threads, setup_deterministic_mode, setup_malloc
 from engines.inference import LocalInferenceEngine
 from engines.model import load_model, load_tokenizer, resolve_model_dir
 from engines.train_engine import TrainEngine
@@ -120,6 +120,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
         stats_logger = NullStatsLogger()
     setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
     setup_cpu_threads()
+    setup_malloc()
 
     model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
     tokenizer = load_tokenizer(model_dir)

@@ -134,3 +134,13 @@ def test_cpu_threads_are_shared_among_local_replicas(monkeypatch):
         assert setup_cpu_threads() == cpus
     finally:
         torch.set_num_threads(before)
+
+
+def test_setup_malloc_applies_on_glibc():
+    import platform
+
+    from engines.factories import setup_malloc
+
+    # Restating glibc's default thresholds would be the same call; only success matters.
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert setup_malloc() is expected
