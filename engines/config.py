@@ -18,6 +18,9 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# none: float32 compute; bf16: bfloat16 autocast; auto: bf16 where the hardware computes it
+# natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else none.
+MIXED_PRECISION = ("none", "bf16", "auto")
 
 
 @dataclass
@@ -78,6 +81,11 @@ class ActorConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gradient_checkpointing: bool = False
     deterministic: bool = False
+    # Autocast of the trainer's forward and backward passes: none | bf16 | auto (see
+    # MIXED_PRECISION). Weights, optimizer state and the LM-head projection that scores
+    # tokens stay float32; changes numerics on purpose (logprob_abs_diff_mean shows by
+    # how much the trainer's logprobs then differ from the sampler's).
+    mixed_precision: str = "none"
     # Right-pad every sequence to dataset.max_prompt_length + gconfig.max_new_tokens
     # (static shapes at every step); deterministic mode turns it on.
     pad_to_maximum: bool = False

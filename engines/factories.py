@@ -7,17 +7,18 @@ lives in exactly one place and is unit-tested on its own.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import random
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from engines.config import LR_SCHEDULERS, OPTIMIZERS, ActorConfig, OptimizerConfig
+from engines.config import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, ActorConfig, OptimizerConfig
 
 
 def create_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -118,6 +119,35 @@ def build_ac_config(model: nn.Module, enabled: bool) -> list[nn.Module]:
     # The KV cache is useless while training and incompatible with recomputation.
     model.config.use_cache = False
     return layers
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bfloat16 matmuls natively: a CUDA device with bf16,
+    or a CPU with AVX512-BF16 or AMX tiles (oneDNN's bf16 kernels). Elsewhere bf16 is
+    emulated and slower than float32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_mixed_precision(mode: str) -> Optional[torch.dtype]:
+    """The autocast dtype for `actor.mixed_precision` (None: compute in the weights' dtype).
+
+    Raises:
+        ValueError: `mode` is not one of `MIXED_PRECISION`.
+    """
+    if mode not in MIXED_PRECISION:
+        raise ValueError(f"actor.mixed_precision={mode!r} is not supported; use one of {', '.join(MIXED_PRECISION)}")
+    if mode == "bf16" or (mode == "auto" and native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """`torch.autocast` to `dtype` on this process's device, or nothing when None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)
 
 
 def setup_cpu_threads() -> int:

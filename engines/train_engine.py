@@ -23,13 +23,16 @@ from engines.config import ActorConfig
 from engines.distributed import DistributedContext
 from engines.distributed_lock import DistributedLock
 from engines.factories import (
+    autocast,
     build_ac_config,
     create_lr_scheduler,
     create_optimizer,
+    resolve_mixed_precision,
     validate_and_force_pad_to_maximum,
 )
 from engines.logprobs import token_logprobs
 from engines.ppo import kl_penalty, masked_mean, ppo_clipped_loss
+from engines.weights import publish_weights
 
 
 def split_micro_batches(lengths: list[int], max_tokens: int, pad_to: int = 0) -> list[list[int]]:
@@ -104,6 +107,9 @@ class TrainEngine:
         self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
         self.temperature = temperature
         self.pad_to = validate_and_force_pad_to_maximum(cfg, max_sequence_tokens=max_sequence_tokens)
+        # None: float32 compute. The weights stay float32 either way (autocast casts them
+        # per matmul), so the optimizer updates full-precision parameters.
+        self.autocast_dtype = resolve_mixed_precision(cfg.mixed_precision)
         build_ac_config(model, cfg.gradient_checkpointing)
         dist_ctx = dist_ctx or DistributedContext()
         self.world_size = dist_ctx.world_size
@@ -129,9 +135,15 @@ class TrainEngine:
     def set_version(self, version: int) -> None:
         self._version = version
 
-    def upload_weights(self, inference_engine) -> None:
-        """Send the current weights to an inference engine (in-process: a tensor copy)."""
-        inference_engine.update_weights(self.model.state_dict())
+    def upload_weights(self, inference_engine, version: int) -> None:
+        """Send the current weights, as policy `version`, to an inference engine: a tensor
+        copy in process, or, for an engine with a `weights_dir` (inference servers), a
+        versioned directory written atomically (engines/weights.py) that it loads."""
+        weights_dir = getattr(inference_engine, "weights_dir", None)
+        if weights_dir is None:
+            inference_engine.update_weights(self.model.state_dict())
+            return
+        inference_engine.update_weights_from_disk(publish_weights(self.model, weights_dir, version), version)
 
     def save(self, path: Path, tokenizer=None) -> None:
         """Write a Hugging Face model directory (config + safetensors) loadable with
@@ -228,7 +240,8 @@ class TrainEngine:
         keys = ("input_ids", "attention_mask", "loss_mask")
         tokens = {k: batch[k] for k in keys if k in batch}
         for idx, mb in self._micro_batches(tokens):
-            logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb.get("loss_mask"))
+            with autocast(self.autocast_dtype):
+                logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb.get("loss_mask"))
             width = min(L, logp.shape[1])
             out[idx, :width] = logp[:, :width]
         model.train(was_training)
@@ -239,7 +252,8 @@ class TrainEngine:
         (differentiable loss, PPO statistics, this micro-batch's share of the KL)."""
         cfg = self.cfg
         model = self.ddp if self.ddp is not None else self.model
-        logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb["loss_mask"])
+        with autocast(self.autocast_dtype):
+            logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb["loss_mask"])
         use_prox = cfg.use_decoupled_loss and "prox_logp" in mb
         out = ppo_clipped_loss(
             logp,

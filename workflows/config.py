@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# rollout.backend: the in-process engine, or inference servers (engines/servers.py).
+ROLLOUT_BACKENDS = ("local", "vllm", "sglang")
 
 
 @dataclass
@@ -44,6 +47,24 @@ class RolloutConfig:
     # rejected (raised, returned None, or failed should_accept) with none accepted in
     # between; staleness expiries and cancellations do not count. >= 1.
     max_consecutive_rejections: int = 64
+    # Where rollouts are generated: local (the in-process engine) | vllm | sglang
+    # (inference servers over HTTP, engines/servers.py and engines/remote.py).
+    backend: str = "local"
+    # vllm/sglang: how many servers to start on 127.0.0.1 (an int), or a list of
+    # host:port addresses of running servers to attach to (they must serve model.path
+    # and be able to read <run_dir>/weights/).
+    servers: Any = 1
+    # Interpreter that has the backend installed; null: ./.venv-<backend>/bin/python
+    # (make install-vllm), else this one.
+    server_python: Optional[str] = None
+    server_args: list[str] = field(default_factory=list)  # appended to the server command
+    server_startup_timeout: float = 600.0  # seconds until every server answers /health
+    request_timeout: float = 600.0  # seconds per generation request before it is retried
+    request_retries: int = 3  # retries of a failed request (with backoff) before the rollout fails
+    # On pause (weight update), abort requests in flight and finish them with the new
+    # weights, each token keeping the version that sampled it (AReaL); false lets them
+    # finish first.
+    interruptible_generation: bool = False
 
 
 @dataclass

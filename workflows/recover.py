@@ -260,7 +260,7 @@ def load_recover_checkpoint(path: Path, engine, inference) -> RecoverInfo:
     if version != info.step:
         raise ValueError(f"{path}: optimizer state is at version {version} but meta.json says step {info.step}")
     with engine.engine_lock:
-        engine.upload_weights(inference)
+        engine.upload_weights(inference, version=info.step)
     engine.set_version(info.step)
     inference.set_version(info.step)
     return info

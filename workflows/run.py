@@ -21,6 +21,9 @@ from areal_cli.config import ExperimentConfig, to_yaml
 from engines.distributed import DistributedContext
 from engines.factories import setup_cpu_threads, setup_deterministic_mode, setup_malloc
 from engines.inference import LocalInferenceEngine
+from engines.remote import RemoteInferenceEngine
+from engines.servers import ServerGroup, find_server_python, start_servers
+from engines.weights import publish_weights
 from engines.model import load_model, load_tokenizer, resolve_model_dir
 from engines.train_engine import TrainEngine
 from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
@@ -86,7 +89,8 @@ class Run:
     loader: PromptLoader
     total_steps: int
     eval_rows: list[dict]
-    inference: LocalInferenceEngine
+    inference: LocalInferenceEngine | RemoteInferenceEngine
+    servers: Optional[ServerGroup]  # inference servers this run started (rollout.backend != local)
     engine: TrainEngine
     scorer: RewardScorer
     workflow: RLVRWorkflow
@@ -141,30 +145,20 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
         eval_rows = eval_rows[: cfg.dataset.max_eval_samples]
 
     policy = load_model(cfg.model, model_dir, seed=cfg.seed)
-    # With staleness > 0 generation runs while the trainer updates the policy, so the
-    # sampler needs its own copy (it must never read half-updated weights). Synchronous
-    # RL never overlaps the two, and the sampler decodes from the policy itself: one
-    # model's worth of memory less.
-    overlap = cfg.rollout.max_head_offpolicyness > 0
-    inference = LocalInferenceEngine(
-        copy.deepcopy(policy) if overlap else policy,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_batch_size=cfg.gconfig.max_batch_size,
-        shares_weights=not overlap,
-    )
-    engine = TrainEngine(
-        cfg.actor,
-        policy,
-        total_steps=total_steps,
-        max_sequence_tokens=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens,
-        temperature=cfg.gconfig.temperature,
-        # The reference model (KL penalty) is the initial policy, also after a resume.
-        ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,
-        dist_ctx=dist_ctx,
-    )
-    scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
-    try:  # the scorer holds processes: nothing below may leave them behind
+    inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, dist_ctx)
+    scorer = None
+    try:  # the scorer and the servers are processes: nothing below may leave them behind
+        engine = TrainEngine(
+            cfg.actor,
+            policy,
+            total_steps=total_steps,
+            max_sequence_tokens=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens,
+            temperature=cfg.gconfig.temperature,
+            # The reference model (KL penalty) is the initial policy, also after a resume.
+            ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,
+            dist_ctx=dist_ctx,
+        )
+        scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
         sampling_seed = cfg.seed if cfg.actor.deterministic else None
         workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
         dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
@@ -175,14 +169,73 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
             trajectory_dump_dir=dump_dir,
         )
     except BaseException:
-        scorer.close()
-        inference.destroy()
+        try:
+            if scorer is not None:
+                scorer.close()
+        finally:
+            _close_inference(inference, servers)
         raise
     return Run(
         cfg=cfg, dist_ctx=dist_ctx, run_dir=run_dir, stats_logger=stats_logger, tokenizer=tokenizer,
         num_prompts=len(train_data), loader=loader, total_steps=total_steps, eval_rows=eval_rows,
-        inference=inference, engine=engine, scorer=scorer, workflow=workflow, executor=executor, dump_dir=dump_dir,
+        inference=inference, servers=servers, engine=engine, scorer=scorer, workflow=workflow, executor=executor,
+        dump_dir=dump_dir,
     )
+
+
+def build_inference(
+    cfg: ExperimentConfig, policy, tokenizer, model_dir: Path, run_dir: Path, dist_ctx: DistributedContext
+) -> tuple[LocalInferenceEngine | RemoteInferenceEngine, Optional[ServerGroup]]:
+    """The rollouts' inference engine per `rollout.backend`, and the servers it started.
+
+    local: the policy itself, or a private copy of it when generation overlaps training.
+    vllm / sglang: the policy is published as version 0 under `<run_dir>/weights/` and
+    `rollout.servers` servers are started from it (their logs in `<run_dir>/logs/`), or
+    the listed running servers are attached to.
+    """
+    r = cfg.rollout
+    if r.backend == "local":
+        # With staleness > 0 generation runs while the trainer updates the policy, so the
+        # sampler needs its own copy (it must never read half-updated weights). Synchronous
+        # RL never overlaps the two, and the sampler decodes from the policy itself: one
+        # model's worth of memory less.
+        overlap = r.max_head_offpolicyness > 0
+        return LocalInferenceEngine(
+            copy.deepcopy(policy) if overlap else policy,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            max_batch_size=cfg.gconfig.max_batch_size,
+            shares_weights=not overlap,
+        ), None
+    from engines.remote_sglang import RemoteSGLangEngine
+    from engines.remote_vllm import RemoteVLLMEngine
+
+    weights_dir = run_dir / "weights" / f"rank{dist_ctx.rank}"
+    servers = None
+    if isinstance(r.servers, int):
+        python = find_server_python(r.backend, r.server_python)
+        initial = publish_weights(policy, weights_dir, version=0)
+        servers = start_servers(
+            r.backend, r.servers, initial, model_dir, run_dir / "logs", python=python,
+            max_model_len=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens + 1, dtype=cfg.model.dtype,
+            extra_args=list(r.server_args), startup_timeout=r.server_startup_timeout,
+        )
+        addresses = servers.addresses
+    else:
+        addresses = list(r.servers)
+    client = {"vllm": RemoteVLLMEngine, "sglang": RemoteSGLangEngine}[r.backend]
+    return client(
+        addresses, weights_dir=weights_dir, request_timeout=r.request_timeout, max_retries=r.request_retries,
+        interruptible=r.interruptible_generation,
+    ), servers
+
+
+def _close_inference(inference, servers: Optional[ServerGroup]) -> None:
+    try:
+        inference.destroy()
+    finally:
+        if servers is not None:
+            servers.stop()
 
 
 def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:
@@ -242,4 +295,4 @@ def close_run(run: Run) -> None:
         try:
             run.scorer.close()
         finally:
-            run.inference.destroy()
+            _close_inference(run.inference, run.servers)

@@ -322,7 +322,7 @@ def train_step(
     # flight finish with the version they started with (their tokens say so).
     executor.pause()
     with engine.engine_lock:
-        engine.upload_weights(inference)
+        engine.upload_weights(inference, version=step)
     engine.set_version(step)
     inference.set_version(step)
     executor.resume()

@@ -144,3 +144,27 @@ def test_setup_malloc_applies_on_glibc():
     # Restating glibc's default thresholds would be the same call; only success matters.
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert setup_malloc() is expected
+
+
+def test_mixed_precision_modes(monkeypatch):
+    import engines.factories as factories
+
+    assert factories.resolve_mixed_precision("none") is None
+    assert factories.resolve_mixed_precision("bf16") is torch.bfloat16
+    monkeypatch.setattr(factories, "native_bf16", lambda: False)
+    assert factories.resolve_mixed_precision("auto") is None
+    monkeypatch.setattr(factories, "native_bf16", lambda: True)
+    assert factories.resolve_mixed_precision("auto") is torch.bfloat16
+    with pytest.raises(ValueError, match="actor.mixed_precision='fp8'"):
+        factories.resolve_mixed_precision("fp8")
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch):
+    import engines.factories as factories
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not factories.native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert factories.native_bf16()

