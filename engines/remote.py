@@ -118,6 +118,10 @@ class RemoteInferenceEngine:
         """(path, JSON body) that aborts every request in flight on a server."""
         raise NotImplementedError
 
+    def check_reload_answer(self, route: str, answer: Any) -> None:
+        """Raise ServerResponseError when a 2xx answer to a reload call reports failure
+        (default: the HTTP status says it all)."""
+
     # -- versions and control -------------------------------------------------------------
 
     def get_version(self) -> int:
@@ -160,7 +164,7 @@ class RemoteInferenceEngine:
 
         async def reload(session: aiohttp.ClientSession, address: str) -> None:
             for route, body in self.reload_requests(Path(path), version):
-                await post_json(session, address, route, body, timeout)
+                self.check_reload_answer(route, await post_json(session, address, route, body, timeout))
 
         self._call_servers(reload)
         self._version = version
@@ -278,7 +282,16 @@ class RemoteInferenceEngine:
         loop = self._loop
         if loop is not None and loop.is_running() and not _on_loop(loop):
             return asyncio.run_coroutine_threadsafe(coro, loop).result()
-        return asyncio.run(coro)
+
+        async def then_close_session() -> Any:
+            try:
+                return await coro
+            finally:  # a session opened on this short-lived loop must not outlive it
+                if self._loop is asyncio.get_running_loop() and self._session is not None:
+                    await self._session.close()
+                    self._session = None
+
+        return asyncio.run(then_close_session())
 
     def generate_blocking(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:
         """`agenerate` for each request, concurrently, for callers without an event loop

@@ -48,7 +48,11 @@ def publish_weights(model: nn.Module, root: Path, version: int, keep: int = 2) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for old in sorted(p for p in root.glob("v*") if p.is_dir())[:-keep]:
+    # Keep this version and the `keep - 1` before it; a version above this one was left by
+    # a run that crashed before its recover checkpoint, and is never loaded again.
+    older = sorted(p for p in root.glob("v*") if p.is_dir() and p.name != target.name and p.name < target.name)
+    stale = [p for p in root.glob("v*") if p.is_dir() and p.name > target.name]
+    for old in older[: max(0, len(older) - (keep - 1))] + stale:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
