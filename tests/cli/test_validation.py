@@ -237,3 +237,21 @@ def test_every_constrained_key_has_a_rule():
     unconstrained = {"seed", "run_dir", "cache_dir", "model.path", "model.config_overrides", "dataset.path", "dataset.name"}
     needs_rule = {key for key, annotation in schema_leaves() if annotation is not bool and key not in unconstrained}
     assert needs_rule - {rule.key for rule in RULES} == set()
+
+
+def test_inference_server_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no .venv-vllm here
+    with pytest.raises(ConfigError, match=r"rollout.backend=vllm needs vllm installed: run `make install-vllm`"):
+        load_config("smoke", ["rollout.backend=vllm"])
+    with pytest.raises(ConfigError, match=r"rollout.servers='x' is invalid"):
+        load_config("smoke", ["rollout.servers=x"])
+    with pytest.raises(ConfigError, match=r"rollout.servers=\[.*'nohost'\] is invalid"):
+        load_config("smoke", ["rollout.servers=[nohost]"])
+    with pytest.raises(ConfigError, match="cannot sample deterministically"):
+        load_config("smoke", ["rollout.backend=vllm", "rollout.servers=[127.0.0.1:8000]", "actor.deterministic=true"])
+    # Attaching to running servers needs no local install.
+    attached = load_config("smoke", ["rollout.backend=vllm", "rollout.servers=[127.0.0.1:8000,127.0.0.1:8001]"])
+    assert list(attached.rollout.servers) == ["127.0.0.1:8000", "127.0.0.1:8001"]
+    python = tmp_path / "py"
+    python.write_text("")
+    assert load_config("smoke", ["rollout.backend=vllm", f"rollout.server_python={python}"]).rollout.backend == "vllm"

@@ -98,7 +98,7 @@ def test_commands_and_environment(tmp_path, monkeypatch):
     env = server_env("vllm")
     assert env["VLLM_SERVER_DEV_MODE"] == "1" and "WANDB_API_KEY" not in env
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="make install-sglang"):
+    with pytest.raises(FileNotFoundError, match="rollout.backend=sglang needs sglang installed"):
         find_server_python("sglang")
     with pytest.raises(FileNotFoundError, match="rollout.server_python"):
         find_server_python("vllm", str(tmp_path / "nope"))
