@@ -17,6 +17,8 @@ prompt + completion tokens per second):
   T0  full [B, L, V] logits and log-softmax, multi-tensor AdamW (before issue 8)
   T1  selective log-softmax over completion positions, fused AdamW
   T2  + gradient checkpointing (the gsm8k_grpo default)
+  T3  + bf16 autocast (`actor.mixed_precision=bf16`; gsm8k_grpo's `auto` turns it on
+      on CPUs with AVX512-BF16 or AMX); the LM head that scores tokens stays float32
 
 Skipping rows without advantage (`TrainEngine._rows_with_gradient`) is exact and
 removes the forward and backward of every GRPO group whose samples all scored the same;
@@ -25,6 +27,7 @@ its gain is the share of such rows, printed by `peer_trl.py`'s runs per step.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -44,6 +47,7 @@ VARIANTS = {
     "T0": "full logits, foreach AdamW",
     "T1": "+ selective log-softmax, fused",
     "T2": "+ gradient checkpointing",
+    "T3": "+ bf16 autocast",
 }
 
 
@@ -120,7 +124,8 @@ def run_training(variant: str) -> dict:
         batch["loss_mask"][i, len(prompt) : len(row)] = 1
     batch["logprobs"] = torch.full((len(rows), width), -2.0) * batch["loss_mask"]
     batch["advantages"] = torch.linspace(-1, 1, len(rows))[:, None] * batch["loss_mask"]
-    cfg = ActorConfig(optimizer=OptimizerConfig(lr=1e-6), gradient_checkpointing=variant == "T2", max_tokens_per_mb=4096)
+    cfg = ActorConfig(optimizer=OptimizerConfig(lr=1e-6), gradient_checkpointing=variant in ("T2", "T3"),
+                      mixed_precision="bf16" if variant == "T3" else "none", max_tokens_per_mb=4096)
     engine = TrainEngine(cfg, model, total_steps=1, max_sequence_tokens=width, temperature=1.0)
     if variant == "T0":
         engines.logprobs.supports_selective_logprobs = lambda model: False
@@ -140,10 +145,15 @@ def child(variant: str) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="a subset (include G0 / T0, the baselines of the ratios)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
     results: dict[str, dict] = {}
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for repeat in range(2):
-        for variant in VARIANTS:  # interleaved, so slow spells of a shared machine spread out
+    for repeat in range(args.repeats):
+        for variant in args.variants:  # interleaved, so slow spells of a shared machine spread out
             out = subprocess.run([sys.executable, __file__, variant], capture_output=True, text=True, env=env, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             best = results.get(variant)
@@ -151,16 +161,18 @@ def main() -> None:
                 results[variant] = result
     print(f"{'variant':<4} {'':<32} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'vs first':>9} {'peak GB':>8}")
     for kind in "GT":
+        if f"{kind}0" not in results:
+            continue
         first = results[f"{kind}0"]["tokens_per_s"]
         for variant, label in VARIANTS.items():
-            if variant.startswith(kind):
+            if variant.startswith(kind) and variant in results:
                 r = results[variant]
                 print(f"{variant:<4} {label:<32} {r['seconds']:8.1f} {r['tokens']:7d} {r['tokens_per_s']:9.1f} "
                       f"{r['tokens_per_s'] / first:8.2f}x {r['peak_rss_gb']:8.2f}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
+    if len(sys.argv) == 2 and sys.argv[1] in VARIANTS:
         child(sys.argv[1])
     else:
         main()

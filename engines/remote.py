@@ -172,10 +172,11 @@ class RemoteInferenceEngine:
     def destroy(self) -> None:
         """Close the HTTP session (the servers are stopped by their owner)."""
         session, self._session = self._session, None
-        if session is not None and self._loop is not None and not self._loop.is_closed():
+        # After the rollout thread's loop has stopped, its session dies with it.
+        if session is not None and self._loop is not None and self._loop.is_running() and not _on_loop(self._loop):
             try:
                 asyncio.run_coroutine_threadsafe(session.close(), self._loop).result(timeout=5)
-            except Exception:  # the loop may be stopping; the session dies with it
+            except Exception:  # the loop stopped meanwhile
                 pass
 
     # -- generation -------------------------------------------------------------------------

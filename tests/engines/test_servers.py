@@ -102,3 +102,34 @@ def test_commands_and_environment(tmp_path, monkeypatch):
         find_server_python("sglang")
     with pytest.raises(FileNotFoundError, match="rollout.server_python"):
         find_server_python("vllm", str(tmp_path / "nope"))
+
+
+def test_servers_die_with_a_killed_trainer(tmp_path):
+    """SIGKILL of the process that started the servers (no cleanup runs): PR_SET_PDEATHSIG
+    sends each server SIGTERM, and the server's own shutdown ends its children (vLLM's API
+    server stops its engine core; this stand-in ends its process group)."""
+    server = tmp_path / "server.py"
+    server.write_text(
+        "import os, signal, subprocess, sys\n"
+        "port = sys.argv[sys.argv.index('--port') + 1]\n"
+        "signal.signal(signal.SIGTERM, lambda *a: os.killpg(0, signal.SIGKILL))\n"
+        f"subprocess.run([sys.executable, '-c', {SERVER!r}, port, '0'])\n"
+    )
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {server} \"$@\"\n")
+    python.chmod(0o755)
+    trainer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from engines.servers import start_servers; "
+         f"g = start_servers('vllm', 1, sys.argv[1], sys.argv[1], sys.argv[1], python={str(python)!r}, max_model_len=8); "
+         "print(g.servers[0].process.pid, flush=True); time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, cwd=str(__import__("tests.conftest", fromlist=["REPO"]).REPO),
+    )
+    pgid = int(trainer.stdout.readline())
+    assert len(group_members(pgid)) >= 2
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 15
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group_members(pgid) == []
