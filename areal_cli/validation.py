@@ -30,7 +30,6 @@ from engines.config import (
     MODEL_DTYPES,
     OPTIMIZERS,
 )
-
 from workflows.config import ROLLOUT_BACKENDS
 
 if TYPE_CHECKING:
@@ -133,6 +132,7 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.servers", server_list, "must be a number of servers >= 1 or a list of host:port addresses"),
     Rule("rollout.server_python", non_empty, "must be an interpreter path, or null for ./.venv-<backend>", optional=True),
     Rule("rollout.server_args", lambda v: all(isinstance(a, str) for a in v), "must be a list of strings"),
+    Rule("rollout.server_dtype", one_of(MODEL_DTYPES), _choices(MODEL_DTYPES) + ", or null for model.dtype", optional=True),
     Rule("rollout.server_startup_timeout", greater_than(0), "must be > 0 (seconds)"),
     Rule("rollout.request_timeout", greater_than(0), "must be > 0 (seconds)"),
     Rule("rollout.request_retries", at_least(0), "must be >= 0"),

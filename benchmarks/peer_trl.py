@@ -218,10 +218,10 @@ def main() -> None:
               f"{args.steps} steps, {args.pairs} pairs; model {model_dir}", flush=True)
         print(f"{'run':<10} {'wall s':>7} {'peak GB':>8}  per step: step s / gen s (tokens) / train s (tokens) / reward")
         for i in range(args.pairs):
-            sides = [lambda: run_trl(python, model_dir, trl_prompts, args, work, i),
-                     lambda: run_areal(model_dir, dataset_dir, args, work, i)]
+            sides = [lambda i=i: run_trl(python, model_dir, trl_prompts, args, work, i),
+                     lambda i=i: run_areal(model_dir, dataset_dir, args, work, i)]
             if vllm_python:
-                sides.append(lambda: run_areal(model_dir, dataset_dir, args, work, i, vllm_python))
+                sides.append(lambda i=i: run_areal(model_dir, dataset_dir, args, work, i, vllm_python))
             for side in sides:
                 run = side()
                 runs.append(run)

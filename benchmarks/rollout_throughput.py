@@ -42,7 +42,10 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 async def timed(engine, prompts: list[list[int]], tokens: int) -> tuple[int, float]:
     start = time.perf_counter()
     responses = await asyncio.gather(*(engine.agenerate(GenerationRequest(p, tokens)) for p in prompts))
-    return sum(len(r.output_ids) for r in responses), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if hasattr(engine, "aclose"):
+        await engine.aclose()  # its HTTP session belongs to this event loop
+    return sum(len(r.output_ids) for r in responses), seconds
 
 
 def main() -> None:
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--server-python", default=None, help="interpreter with vLLM (default ./.venv-vllm)")
+    parser.add_argument("--server-dtype", default="float32", help="the vLLM server's dtype (bfloat16 uses AMX/AVX512-BF16)")
     args = parser.parse_args()
     setup_cpu_threads()
     setup_malloc()
@@ -66,8 +70,8 @@ def main() -> None:
         python = find_server_python("vllm", args.server_python)
         started = time.perf_counter()
         servers = start_servers("vllm", 1, weights, model_dir, Path(tmp) / "logs", python=python,
-                                max_model_len=1024, startup_timeout=900)
-        print(f"vLLM server ready in {time.perf_counter() - started:.0f} s", flush=True)
+                                max_model_len=1024, dtype=args.server_dtype, startup_timeout=900)
+        print(f"vLLM server ({args.server_dtype}) ready in {time.perf_counter() - started:.0f} s", flush=True)
         remote = RemoteVLLMEngine(servers.addresses, weights_dir=Path(tmp) / "weights")
         try:
             rows = []
@@ -82,7 +86,7 @@ def main() -> None:
         finally:
             servers.stop()
             local.destroy()
-    print("\nconcurrent  in-process tok/s  vllm tok/s  vllm/in-process")
+    print(f"\nconcurrent  in-process tok/s  vllm ({args.server_dtype}) tok/s  vllm/in-process")
     for c, a, b in rows:
         print(f"{c:10d}  {a:16.1f}  {b:10.1f}  {b / a:14.2f}x")
     at32 = [b / a for c, a, b in rows if c == 32]

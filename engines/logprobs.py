@@ -107,7 +107,6 @@ def token_logprobs(
     B, L = input_ids.shape
     mask = attention_mask if score_mask is None else score_mask * attention_mask
     mask = mask[:, 1:].bool()  # position t is predicted from the hidden state at t - 1
-    out = torch.zeros(B, L, dtype=torch.float32)
     if not supports_selective_logprobs(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
         if temperature > 0:

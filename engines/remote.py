@@ -118,6 +118,15 @@ class RemoteInferenceEngine:
         """(path, JSON body) that aborts every request in flight on a server."""
         raise NotImplementedError
 
+    def score_request(self, input_ids: list[int], temperature: float) -> Optional[tuple[str, dict]]:
+        """(path, JSON body) asking for the logprob of every token of `input_ids` given the
+        ones before it, or None when the server cannot (then `score_tokens` is skipped)."""
+        return None
+
+    def parse_score(self, body: dict, input_ids: list[int]) -> list[float]:
+        """The server's answer to `score_request`: len(input_ids) - 1 logprobs."""
+        raise NotImplementedError
+
     def check_reload_answer(self, route: str, answer: Any) -> None:
         """Raise ServerResponseError when a 2xx answer to a reload call reports failure
         (default: the HTTP status says it all)."""
@@ -168,6 +177,32 @@ class RemoteInferenceEngine:
 
         self._call_servers(reload)
         self._version = version
+
+    def score_tokens(self, input_ids: list[int], temperature: float) -> Optional[list[list[float]]]:
+        """Each server's logprobs of `input_ids[1:]` (teacher-forced, at `temperature`) under
+        the weights it holds now, one list per server; None when the server API has no
+        such call. The trainer compares them with its own after every weight update.
+
+        Raises:
+            ServerResponseError, aiohttp.ClientError: a server failed to answer.
+        """
+        request = self.score_request(list(input_ids), temperature)
+        if request is None:
+            return None
+        route, body = request
+        results: dict[str, list[float]] = {}
+
+        async def score(session: aiohttp.ClientSession, address: str) -> None:
+            results[address] = self.parse_score(await post_json(session, address, route, body, self.request_timeout), input_ids)
+
+        self._call_servers(score)
+        return [results[a] for a in self.addresses]
+
+    async def aclose(self) -> None:
+        """Close the HTTP session of the running event loop (before that loop ends)."""
+        if self._session is not None and self._loop is asyncio.get_running_loop():
+            await self._session.close()
+            self._session = None
 
     def destroy(self) -> None:
         """Close the HTTP session (the servers are stopped by their owner)."""
@@ -288,9 +323,7 @@ class RemoteInferenceEngine:
             try:
                 return await coro
             finally:  # a session opened on this short-lived loop must not outlive it
-                if self._loop is asyncio.get_running_loop() and self._session is not None:
-                    await self._session.close()
-                    self._session = None
+                await self.aclose()
 
         return asyncio.run(then_close_session())
 

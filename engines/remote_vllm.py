@@ -62,6 +62,20 @@ class RemoteVLLMEngine(RemoteInferenceEngine):
             raise ServerResponseError(f"vLLM returned {len(ids)} tokens with {len(logprobs)} logprobs")
         return Completion(ids, [float(lp) for lp in logprobs], reason if reason in ("stop", "abort") else "length")
 
+    def score_request(self, input_ids: list[int], temperature: float) -> tuple[str, dict]:
+        # prompt_logprobs of the prompt itself; one token must be generated as well.
+        body = {"model": SERVED_MODEL_NAME, "prompt": list(input_ids), "max_tokens": 1, "temperature": temperature,
+                "prompt_logprobs": 0}
+        return "/v1/completions", body
+
+    def parse_score(self, body: dict, input_ids: list[int]) -> list[float]:
+        try:
+            scored = body["choices"][0]["prompt_logprobs"]
+            # Entry i maps token ids (as strings) to {"logprob", "rank", ...}; entry 0 is null.
+            return [float(scored[i][str(input_ids[i])]["logprob"]) for i in range(1, len(input_ids))]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ServerResponseError(f"unexpected vLLM prompt_logprobs answer: {str(body)[:300]}") from exc
+
     def reload_requests(self, path: Path, version: int) -> list[tuple[str, dict]]:
         return [
             ("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}),

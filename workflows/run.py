@@ -21,11 +21,11 @@ from areal_cli.config import ExperimentConfig, to_yaml
 from engines.distributed import DistributedContext
 from engines.factories import setup_cpu_threads, setup_deterministic_mode, setup_malloc
 from engines.inference import LocalInferenceEngine
+from engines.model import load_model, load_tokenizer, resolve_model_dir
 from engines.remote import RemoteInferenceEngine
 from engines.servers import ServerGroup, find_server_python, start_servers
-from engines.weights import publish_weights
-from engines.model import load_model, load_tokenizer, resolve_model_dir
 from engines.train_engine import TrainEngine
+from engines.weights import publish_weights
 from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
 from workflows.executor import WorkflowExecutor
 from workflows.recover import (
@@ -217,7 +217,8 @@ def build_inference(
         initial = publish_weights(policy, weights_dir, version=0)
         servers = start_servers(
             r.backend, r.servers, initial, model_dir, run_dir / "logs", python=python,
-            max_model_len=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens + 1, dtype=cfg.model.dtype,
+            max_model_len=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens + 1,
+            dtype=r.server_dtype or cfg.model.dtype,
             extra_args=list(r.server_args), startup_timeout=r.server_startup_timeout,
         )
         addresses = servers.addresses

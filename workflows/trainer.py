@@ -137,6 +137,23 @@ def logprob_agreement(batch: dict[str, torch.Tensor], recomputed: torch.Tensor, 
     return {"logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else float("nan")}
 
 
+def weight_sync_agreement(engine: TrainEngine, inference, batch: dict[str, torch.Tensor], temperature: float) -> dict:
+    """After a weight update on inference servers: the largest, over servers, mean
+    |server logprob - trainer logprob| (nats per token) of the batch's first sequence,
+    scored teacher-forced by both with the weights just sent. It checks the weight sync
+    itself, whatever the staleness (trained tokens may all come from older weights);
+    about 0.01-0.03 when the trainer computes in bf16, ~1e-5 in float32 (docs/benchmarks.md).
+    """
+    length = int(batch["attention_mask"][0].sum())
+    ids = batch["input_ids"][0, :length]
+    scored = inference.score_tokens(ids.tolist(), temperature)
+    if not scored:
+        return {}
+    ours = engine.compute_logp({"input_ids": ids[None], "attention_mask": torch.ones(1, length, dtype=torch.long)})[0, 1:]
+    diffs = [float((ours - torch.tensor(server)).abs().mean()) for server in scored]
+    return {"server_logprob_abs_diff": max(diffs)}
+
+
 def evaluate(cfg: ExperimentConfig, inference: LocalInferenceEngine, scorer: RewardScorer, tokenizer, rows: list[dict]) -> dict:
     """Accuracy of one sampled completion per held-out prompt."""
     g = replace(cfg.gconfig, n_samples=1)
@@ -318,14 +335,22 @@ def train_step(
     train = engine.train_batch(batch)
     train_seconds = time.perf_counter() - train_start
 
-    # Weight update: no rollout starts while the sampler's weights change; rollouts in
-    # flight finish with the version they started with (their tokens say so).
+    # Weight update: no rollout starts while the sampler's weights change; requests in
+    # flight finish with the weights they started with, or, with interruptible generation
+    # on servers, are aborted here and finished with the new ones (each token's version
+    # says which).
+    update_start = time.perf_counter()
     executor.pause()
+    inference.pause()
     with engine.engine_lock:
         engine.upload_weights(inference, version=step)
     engine.set_version(step)
     inference.set_version(step)
+    inference.resume()
     executor.resume()
+    update_seconds = time.perf_counter() - update_start
+    if hasattr(inference, "score_tokens"):
+        extra.update(weight_sync_agreement(engine, inference, batch, cfg.gconfig.temperature))
 
     rollout = executor.get_stats()
     sequences = gather_sequences(batch, dist_ctx)
@@ -348,6 +373,7 @@ def train_step(
         "train_tokens_per_s": int(batch["attention_mask"].sum()) / max(train_seconds, 1e-9),
         "rollout_wait_s": wait_seconds,
         "train_time_s": train_seconds,
+        "weight_update_s": update_seconds,
         "step_time_s": elapsed,
         "peak_rss_gb": peak_rss_gb(),
         **extra,

@@ -217,3 +217,40 @@ def test_a_refused_reload_is_an_error_and_keeps_the_version(servers, tmp_path):
     with pytest.raises(ServerResponseError, match="collective_rpc -> HTTP 500"):
         client.update_weights_from_disk(tmp_path, 1)
     assert client.get_version() == 0
+
+
+def prompt_logprobs_answer(input_ids: list[int], logprobs: list[float]) -> dict:
+    """An answer of the recorded `score` shape carrying `logprobs` for input_ids[1:]."""
+    answer = fixture("vllm", "score")["response"]
+    choice_ = dict(answer["choices"][0])
+    entries = [None] + [{str(t): {"logprob": lp, "rank": 1}} for t, lp in zip(input_ids[1:], logprobs)]
+    choice_["prompt_logprobs"] = entries
+    return dict(answer, choices=[choice_])
+
+
+def test_recorded_score_answer_parses():
+    recorded = fixture("vllm", "score")
+    ids = recorded["request"]["prompt"]
+    got = RemoteVLLMEngine(["x:1"], weights_dir="/unused").parse_score(recorded["response"], ids)
+    entries = recorded["response"]["choices"][0]["prompt_logprobs"]
+    assert got == [entries[i][str(ids[i])]["logprob"] for i in range(1, len(ids))] and len(got) == len(ids) - 1
+    assert set(recorded["request"]) <= set(fixture("vllm", "completion_request_fields")["fields"])
+
+
+def test_weight_sync_agreement_compares_every_server_with_the_trainer(servers, tiny_model):
+    import torch
+
+    from engines.config import ActorConfig
+    from engines.train_engine import TrainEngine
+    from workflows.trainer import weight_sync_agreement
+
+    trainer = TrainEngine(ActorConfig(), tiny_model, total_steps=1, max_sequence_tokens=64, temperature=1.0)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 6 + [0, 0]])}
+    ours = trainer.compute_logp({"input_ids": ids[:, :6], "attention_mask": torch.ones(1, 6, dtype=torch.long)})[0, 1:]
+    exact = servers({"/v1/completions": replay(prompt_logprobs_answer(ids[0, :6].tolist(), ours.tolist()))})
+    stale = servers({"/v1/completions": replay(prompt_logprobs_answer(ids[0, :6].tolist(), (ours - 0.5).tolist()))})
+    assert weight_sync_agreement(trainer, engine(exact), batch, 1.0)["server_logprob_abs_diff"] < 1e-6
+    # The worst server counts: one that kept old weights shows up.
+    assert weight_sync_agreement(trainer, engine(exact, stale), batch, 1.0)["server_logprob_abs_diff"] == pytest.approx(0.5)
+    assert [body["prompt"] for _, body in exact.calls] == [ids[0, :6].tolist()] * 2

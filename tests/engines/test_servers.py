@@ -3,6 +3,8 @@ log's tail, and stopping a server's whole process group."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,7 +50,7 @@ def group_members(pgid: int) -> list[psutil.Process]:
     members = []
     for p in psutil.process_iter():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and __import__("os").getpgid(p.pid) == pgid:
+            if p.status() != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
                 members.append(p)
         except (psutil.NoSuchProcess, ProcessLookupError):
             continue
@@ -126,10 +128,17 @@ def test_servers_die_with_a_killed_trainer(tmp_path):
         stdout=subprocess.PIPE, text=True, cwd=str(__import__("tests.conftest", fromlist=["REPO"]).REPO),
     )
     pgid = int(trainer.stdout.readline())
-    assert len(group_members(pgid)) >= 2
-    trainer.kill()
-    trainer.wait()
-    deadline = time.monotonic() + 15
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert group_members(pgid) == []
+    try:
+        assert len(group_members(pgid)) >= 2
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 15
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert group_members(pgid) == []
+    finally:  # a failing run must not leave its stand-in behind
+        trainer.kill()
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
