@@ -346,11 +346,13 @@ def train_step(
         engine.upload_weights(inference, version=step)
     engine.set_version(step)
     inference.set_version(step)
+    if hasattr(inference, "score_tokens"):
+        # Before rollouts resume: an idle server answers at once, a busy one only after
+        # the requests it is decoding.
+        extra.update(weight_sync_agreement(engine, inference, batch, cfg.gconfig.temperature))
     inference.resume()
     executor.resume()
     update_seconds = time.perf_counter() - update_start
-    if hasattr(inference, "score_tokens"):
-        extra.update(weight_sync_agreement(engine, inference, batch, cfg.gconfig.temperature))
 
     rollout = executor.get_stats()
     sequences = gather_sequences(batch, dist_ctx)

@@ -95,9 +95,10 @@ def test_grpo_on_a_vllm_server(tmp_path, staleness, steps, prompts, extra):
     assert (run_dir / "weights" / "rank0" / f"v{steps:06d}" / "model.safetensors").exists()
     log = (run_dir / "logs" / "vllm_0.log").read_text()
     assert log.count('"POST /collective_rpc HTTP/1.1" 200') == steps
-    if "rollout.interruptible_generation=true" in extra:
-        # Requests were in flight at some weight update, aborted, and finished afterwards.
-        assert '"POST /abort_requests HTTP/1.1" 200' in log
+    # On 2 shared cores the trainer's passes are slowed by the server's decoding, so
+    # requests have often finished by the next update and nothing needs aborting;
+    # test_interrupted_request_on_a_real_server checks the abort path itself.
+    print(f"aborts at weight updates: {log.count('POST /abort_requests HTTP/1.1')}")
     time.sleep(1)
     assert not vllm_processes(tmp_path), "a vLLM process outlived the run"
 
@@ -137,3 +138,51 @@ def test_a_killed_server_stops_the_run_with_a_clear_error(tmp_path):
             json.loads(line)  # whole lines only
     time.sleep(1)
     assert not vllm_processes(tmp_path), "a vLLM process outlived the run"
+
+
+def test_interrupted_request_on_a_real_server(tmp_path, model_dir):
+    """pause() aborts a request in flight on vLLM; after a weight reload and resume() the
+    rest is generated, each token labelled with the version of the weights that made it."""
+    import asyncio
+
+    from engines.config import ModelConfig
+    from engines.inference import GenerationRequest
+    from engines.model import load_model, load_tokenizer
+    from engines.remote_vllm import RemoteVLLMEngine
+    from engines.servers import start_servers
+    from engines.weights import publish_weights
+
+    policy = load_model(ModelConfig(), model_dir, seed=0)
+    initial = publish_weights(policy, tmp_path / "weights", 0)
+    servers = start_servers("vllm", 1, initial, model_dir, tmp_path / "logs", python=str(VLLM_PYTHON),
+                            max_model_len=609, startup_timeout=900)
+    try:
+        client = RemoteVLLMEngine(servers.addresses, weights_dir=tmp_path / "weights", interruptible=True)
+
+        prompt = load_tokenizer(model_dir).apply_chat_template(
+            [{"role": "user", "content": "Write a long story about a dragon who learns arithmetic."}],
+            add_generation_prompt=True, tokenize=True, return_dict=True,
+        )["input_ids"]
+
+        async def run():
+            await client.agenerate(GenerationRequest(prompt, 8))  # warm-up
+            task = asyncio.ensure_future(client.agenerate(GenerationRequest(prompt, 300)))
+            await asyncio.sleep(1.5)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, client.pause)
+            v1 = publish_weights(policy, tmp_path / "weights", 1)
+            await loop.run_in_executor(None, client.update_weights_from_disk, v1, 1)
+            client.resume()
+            try:
+                return await task
+            finally:
+                await client.aclose()
+
+        response = asyncio.run(run())
+    finally:
+        servers.stop()
+    before, after = response.output_versions.count(0), response.output_versions.count(1)
+    print(f"interrupted after {before} tokens, {after} more with version 1, stop reason {response.stop_reason}")
+    assert before > 0 and response.output_versions == [0] * before + [1] * after
+    assert after > 0 or response.stop_reason == "stop"
+    assert '"POST /abort_requests HTTP/1.1" 200' in (tmp_path / "logs" / "vllm_0.log").read_text()
