@@ -39,6 +39,11 @@ class ExperimentConfig:
     run_dir: Optional[str] = None
     # Where converted models are cached; defaults to $AREAL_CACHE_DIR or ~/.cache/areal.
     cache_dir: Optional[str] = None
+    # Where rollouts run and what the control plane records (workflows/control_plane.py):
+    # local_colocated | dataflow_colocated | disaggregated (rollout.workers processes).
+    deployment_mode: str = "local_colocated"
+    # The metadata store: noop | memory | sqlite; null: the deployment mode's own.
+    metadata_store: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     gconfig: GenerationConfig = field(default_factory=GenerationConfig)
@@ -156,6 +161,12 @@ def _check_override_grammar(word: str) -> None:
 
 def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(path: Path) -> ExperimentConfig:
+    """The config a run saved with `to_yaml` (`<run_dir>/config.yaml`), typed again."""
+    saved = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(Path(path)))
+    return OmegaConf.to_object(saved)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------

@@ -50,8 +50,13 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
             from workflows.executor import RolloutFailureError
             from workflows.trainer import run_training  # heavy imports only when training
 
+            launcher = None
+            if cfg.deployment_mode == "disaggregated":
+                from areal_cli.workers import ExecutorWorkerLauncher
+
+                launcher = ExecutorWorkerLauncher(cfg.resolved_run_dir())
             try:
-                run_training(cfg)
+                run_training(cfg, launcher)
             except RolloutFailureError as exc:  # rollouts kept failing; nothing was saved
                 err.print(f"error: {exc}", markup=False, highlight=False)
                 raise typer.Exit(code=1) from None

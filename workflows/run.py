@@ -26,6 +26,7 @@ from engines.remote import RemoteInferenceEngine
 from engines.servers import ServerGroup, find_server_python, start_servers
 from engines.train_engine import TrainEngine
 from engines.weights import publish_weights
+from workflows.control_plane import ControlPlane, resolve_control_plane
 from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
 from workflows.executor import WorkflowExecutor
 from workflows.recover import (
@@ -38,6 +39,7 @@ from workflows.recover import (
 )
 from workflows.reward import RewardScorer
 from workflows.rlvr import RLVRWorkflow
+from workflows.rollouts import ColocatedRollouts, DisaggregatedRollouts, RolloutWorkers, WorkerLauncher
 from workflows.stats import NullStatsLogger, StatsLogger
 
 logger = logging.getLogger(__name__)
@@ -89,13 +91,17 @@ class Run:
     loader: PromptLoader
     total_steps: int
     eval_rows: list[dict]
-    inference: LocalInferenceEngine | RemoteInferenceEngine
+    # The rollout side in this process; all None when deployment_mode=disaggregated
+    # (the rollout workers hold them).
+    inference: Optional[LocalInferenceEngine | RemoteInferenceEngine]
     servers: Optional[ServerGroup]  # inference servers this run started (rollout.backend != local)
     engine: TrainEngine
-    scorer: RewardScorer
-    workflow: RLVRWorkflow
-    executor: WorkflowExecutor
+    scorer: Optional[RewardScorer]
+    workflow: Optional[RLVRWorkflow]
+    executor: Optional[WorkflowExecutor]
     dump_dir: Optional[Path]
+    control: ControlPlane
+    rollouts: ColocatedRollouts | DisaggregatedRollouts
 
     @property
     def checkpoints(self) -> Path:
@@ -112,8 +118,14 @@ class Position:
     trained: Optional[TrainedPrompts] = None
 
 
-def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
-    """Model, data, sampler, trainer, reward and rollout controller, from config."""
+def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launcher: Optional[WorkerLauncher] = None) -> Run:
+    """Model, data, sampler, trainer, reward and rollout controller, from config; with
+    `deployment_mode=disaggregated` the rollout side is `rollout.workers` processes
+    started through `worker_launcher`.
+
+    Raises:
+        ValueError: disaggregated without a `worker_launcher`.
+    """
     run_dir = cfg.resolved_run_dir()
     if dist_ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,9 +157,11 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
         eval_rows = eval_rows[: cfg.dataset.max_eval_samples]
 
     policy = load_model(cfg.model, model_dir, seed=cfg.seed)
-    inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, dist_ctx)
-    scorer = None
+    control = resolve_control_plane(cfg.deployment_mode, run_dir, cfg.metadata_store)
+    inference = servers = scorer = workflow = executor = dump_dir = None
     try:  # the scorer and the servers are processes: nothing below may leave them behind
+        if not control.disaggregated:
+            inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, dist_ctx)
         engine = TrainEngine(
             cfg.actor,
             policy,
@@ -158,28 +172,43 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Run:
             ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,
             dist_ctx=dist_ctx,
         )
-        scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
-        sampling_seed = cfg.seed if cfg.actor.deterministic else None
-        workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
-        dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
-        executor = WorkflowExecutor(
-            cfg.rollout,
-            inference,
-            consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
-            trajectory_dump_dir=dump_dir,
-        )
+        if control.disaggregated:
+            if worker_launcher is None:
+                raise ValueError("deployment_mode=disaggregated needs a worker launcher to start its rollout workers "
+                                 "(`areal train` passes one: areal_cli/workers.py)")
+            workers = RolloutWorkers(worker_launcher, run_dir, cfg.rollout.workers, cfg.rollout.worker_restarts)
+            rollouts = DisaggregatedRollouts(
+                control, workers, policy, batch_size=cfg.rollout.consumer_batch_size or loader.local_batch_size,
+                max_head_offpolicyness=cfg.rollout.max_head_offpolicyness, total_steps=total_steps,
+            )
+        else:
+            scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
+            sampling_seed = cfg.seed if cfg.actor.deterministic else None
+            workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
+            dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
+            executor = WorkflowExecutor(
+                cfg.rollout,
+                inference,
+                consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
+                trajectory_dump_dir=dump_dir,
+            )
+            rollouts = ColocatedRollouts(executor, loader, workflow, inference, control, cfg.gconfig.temperature)
     except BaseException:
         try:
             if scorer is not None:
                 scorer.close()
         finally:
-            _close_inference(inference, servers)
+            try:
+                if inference is not None:
+                    _close_inference(inference, servers)
+            finally:
+                control.close()
         raise
     return Run(
         cfg=cfg, dist_ctx=dist_ctx, run_dir=run_dir, stats_logger=stats_logger, tokenizer=tokenizer,
         num_prompts=len(train_data), loader=loader, total_steps=total_steps, eval_rows=eval_rows,
         inference=inference, servers=servers, engine=engine, scorer=scorer, workflow=workflow, executor=executor,
-        dump_dir=dump_dir,
+        dump_dir=dump_dir, control=control, rollouts=rollouts,
     )
 
 
@@ -264,9 +293,11 @@ def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:
             trained=TrainedPrompts.from_state_dict(info.data_position, epoch_size=run.loader.epoch_size),
         )
         run.loader.resume(position.trained)
+        _restore_control_plane(run, info.step, info.store_acked, say)
         say(f"resuming from step {position.step} ({resume_from.relative_to(run.run_dir)})")
     if run.dist_ctx.is_main:
         if resume_from is None:
+            run.control.reset()
             # A fresh start supersedes an ignored checkpoint: resuming from it later would
             # pair it with this run's stats and data.
             for stale in (run.checkpoints / "recover", run.checkpoints / "recover.old"):
@@ -287,13 +318,32 @@ def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:
     return position
 
 
+def _restore_control_plane(run: Run, step: int, acked: Optional[int], say) -> None:
+    """Roll the store back to the recover checkpoint's cursor, and check it matches."""
+    dropped = run.control.restore(step)
+    if dropped:
+        say(f"dropped {dropped} sample(s) generated after step {step} by the interrupted run")
+    if acked is not None and run.control.ack_at_optimizer_step:
+        found = run.control.store.status().acked
+        if found != acked:
+            raise ValueError(
+                f"the metadata store in {run.run_dir / 'control'} holds {found} acknowledged samples but the recover "
+                f"checkpoint at step {step} counts {acked}; it belongs to another run: restore it, or set trainer.resume=false"
+            )
+
+
 def close_run(run: Run) -> None:
-    """Stop the rollout thread, the reward process pool and the inference worker, each
-    even if an earlier one fails."""
+    """Stop the rollouts (the rollout thread, or the rollout workers), the reward process
+    pool, the inference worker and the metadata store, each even if an earlier one fails."""
     try:
-        run.executor.destroy()
+        run.rollouts.close()
     finally:
         try:
-            run.scorer.close()
+            if run.scorer is not None:
+                run.scorer.close()
         finally:
-            _close_inference(run.inference, run.servers)
+            try:
+                if run.inference is not None:
+                    _close_inference(run.inference, run.servers)
+            finally:
+                run.control.close()

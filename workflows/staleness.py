@@ -184,6 +184,18 @@ class StalenessManager:
         with self._lock:
             self._accepted = version * self.consumer_batch_size
 
+    def on_accepted_recovered(self, accepted: int) -> None:
+        """Set `accepted` to what a restarted producer has already delivered (a rollout
+        worker's committed, unexpired samples), so its staleness room is what it was.
+
+        Raises:
+            ValueError: if `accepted < 0`.
+        """
+        if accepted < 0:
+            raise ValueError(f"recovered accepted count must be >= 0, got {accepted}")
+        with self._lock:
+            self._accepted = accepted
+
     def get_stats(self) -> RolloutStats:
         """A consistent snapshot of the four counters (taken under the lock)."""
         with self._lock:

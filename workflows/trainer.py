@@ -43,6 +43,7 @@ import logging
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Optional
 
 import datasets
 import torch
@@ -54,10 +55,8 @@ from areal_cli.config import ExperimentConfig
 from engines.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engines.inference import GenerationRequest, LocalInferenceEngine
 from engines.ppo import group_normalized_advantages
-from engines.train_engine import TrainEngine
 from workflows.batch import staleness_stats
-from workflows.dataset import PromptLoader
-from workflows.executor import RolloutFailureError, WorkflowExecutor
+from workflows.executor import RolloutFailureError
 from workflows.recover import (
     RecoverInfo,
     inject_fault_after,
@@ -65,6 +64,7 @@ from workflows.recover import (
     save_recover_checkpoint,
 )
 from workflows.reward import RewardScorer
+from workflows.rollouts import WorkerLauncher
 from workflows.run import Run, build_run, close_run, find_resume_point, last_recover_step, restore_or_reset
 from workflows.shutdown import RunInterrupted, deferred_stop, stop_on_signals
 from workflows.stats import peak_rss_gb
@@ -137,23 +137,6 @@ def logprob_agreement(batch: dict[str, torch.Tensor], recomputed: torch.Tensor, 
     return {"logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else float("nan")}
 
 
-def weight_sync_agreement(engine: TrainEngine, inference, batch: dict[str, torch.Tensor], temperature: float) -> dict:
-    """After a weight update on inference servers: the largest, over servers, mean
-    |server logprob - trainer logprob| (nats per token) of the batch's first sequence,
-    scored teacher-forced by both with the weights just sent. It checks the weight sync
-    itself, whatever the staleness (trained tokens may all come from older weights);
-    about 0.01-0.03 when the trainer computes in bf16, ~1e-5 in float32 (docs/benchmarks.md).
-    """
-    length = int(batch["attention_mask"][0].sum())
-    ids = batch["input_ids"][0, :length]
-    scored = inference.score_tokens(ids.tolist(), temperature)
-    if not scored:
-        return {}
-    ours = engine.compute_logp({"input_ids": ids[None], "attention_mask": torch.ones(1, length, dtype=torch.long)})[0, 1:]
-    diffs = [float((ours - torch.tensor(server)).abs().mean()) for server in scored]
-    return {"server_logprob_abs_diff": max(diffs)}
-
-
 def evaluate(cfg: ExperimentConfig, inference: LocalInferenceEngine, scorer: RewardScorer, tokenizer, rows: list[dict]) -> dict:
     """Accuracy of one sampled completion per held-out prompt."""
     g = replace(cfg.gconfig, n_samples=1)
@@ -166,11 +149,12 @@ def evaluate(cfg: ExperimentConfig, inference: LocalInferenceEngine, scorer: Rew
     return {"eval_accuracy": correct / max(len(rows), 1), "eval_num_prompts": len(rows)}
 
 
-def run_training(cfg: ExperimentConfig) -> Path:
+def run_training(cfg: ExperimentConfig, worker_launcher: Optional[WorkerLauncher] = None) -> Path:
     """Train per `cfg`; returns the run directory (stats.jsonl, config.yaml, checkpoints/).
 
     `cfg` comes from `areal_cli.config.load_config`, which has checked every value
-    (areal_cli/validation.py).
+    (areal_cli/validation.py). `worker_launcher` starts the rollout workers of
+    `deployment_mode=disaggregated` (`areal train` passes areal_cli/workers.py's).
 
     Raises:
         RunInterrupted: SIGINT or SIGTERM stopped the run (in the main thread, the
@@ -196,7 +180,7 @@ def run_training(cfg: ExperimentConfig) -> Path:
         try:
             dist_ctx = init_distributed()
             try:
-                return _train(cfg, dist_ctx)
+                return _train(cfg, dist_ctx, worker_launcher)
             finally:
                 with deferred_stop():
                     shutdown_distributed()
@@ -220,8 +204,8 @@ def recover_due(cfg: ExperimentConfig, step: int, total_steps: int) -> bool:
     return step == total_steps or (freq > 0 and step % freq == 0)
 
 
-def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
-    run = build_run(cfg, dist_ctx)
+def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launcher: Optional[WorkerLauncher]) -> Path:
+    run = build_run(cfg, dist_ctx, worker_launcher)
     try:
         _train_loop(cfg, dist_ctx, run)
     finally:
@@ -236,15 +220,13 @@ def _train(cfg: ExperimentConfig, dist_ctx: DistributedContext) -> Path:
 def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -> None:
     resume_from = find_resume_point(cfg, run.run_dir, dist_ctx, run.stats_logger.info)
     position = restore_or_reset(run, resume_from)
-    engine, executor, stats_logger, total_steps = run.engine, run.executor, run.stats_logger, run.total_steps
+    engine, stats_logger, total_steps = run.engine, run.stats_logger, run.total_steps
 
     progress = Progress(
         TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=stats_logger.console if dist_ctx.is_main else None, transient=True, disable=not dist_ctx.is_main,
     )
-    executor.initialize()
-    # Before any rollout starts: the staleness capacity counts the batches already trained.
-    executor.staleness_manager.on_version_recovered(position.step)
+    run.rollouts.start(position.step)
     if resume_from is not None:
         # Last, after model construction and loading consumed randomness.
         load_rng_state(resume_from)
@@ -253,7 +235,7 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
         task = progress.add_task("steps", total=total_steps, completed=position.step)
         for step in range(position.step + 1, total_steps + 1):
             try:
-                record = train_step(cfg, step, run.loader, run.workflow, executor, run.inference, engine, dist_ctx)
+                record = train_step(cfg, step, run, dist_ctx)
             except RolloutFailureError as exc:
                 # Nothing is saved on this path: the last recover checkpoint stays as it was.
                 recovered = last_recover_step(run.run_dir)
@@ -263,7 +245,9 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
                     else "it has no recover checkpoint yet"
                 )
                 raise
-            record["reward_failures"] = position.reward_failures + run.scorer.stats.num_failed
+            # With disaggregated rollouts the reward processes are the workers'; their logs count them.
+            failed = run.scorer.stats.num_failed if run.scorer is not None else 0
+            record["reward_failures"] = position.reward_failures + failed
             if run.eval_rows and step % cfg.trainer.eval_freq_steps == 0:
                 record.update(evaluate(cfg, run.inference, run.scorer, run.tokenizer, run.eval_rows))
             # The step's record and checkpoints are written whole: a signal waits for them.
@@ -286,6 +270,7 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
                         num_prompts=run.num_prompts,
                         world_size=dist_ctx.world_size,
                         reward_failures=record["reward_failures"],
+                        store_acked=run.control.cursor(),
                     )
                     save_recover_checkpoint(run.checkpoints, engine, info)
             progress.advance(task)
@@ -297,26 +282,14 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
     stats_logger.info(f"done: {total_steps} steps; checkpoint {final}; stats {stats_logger.path}")
 
 
-def train_step(
-    cfg: ExperimentConfig,
-    step: int,
-    loader: PromptLoader,
-    workflow,
-    executor: WorkflowExecutor,
-    inference: LocalInferenceEngine,
-    engine: TrainEngine,
-    dist_ctx: DistributedContext,
-) -> dict:
+def train_step(cfg: ExperimentConfig, step: int, run: Run, dist_ctx: DistributedContext) -> dict:
     """One GRPO step at policy version `step - 1`; returns its stats record."""
+    engine, rollouts = run.engine, run.rollouts
     start = time.perf_counter()
-    tokens_before = inference.num_generated_tokens
-    batch = sort_by_prompt(executor.prepare_batch(loader, workflow))
+    batch, info = rollouts.next_batch()
+    batch = sort_by_prompt(batch)
     wait_seconds = time.perf_counter() - start
-    gen_tokens = inference.num_generated_tokens - tokens_before
-    if inference.shares_weights and executor.get_stats().running:
-        # The sampler decodes from the policy itself; a rollout running now would read
-        # weights while they change (the staleness bound 0 must leave none running).
-        raise RuntimeError("a rollout is still running while the shared policy trains")
+    gen_tokens = info["gen_tokens"]
     version = engine.get_version()
     staleness = staleness_stats(batch["versions"], batch["loss_mask"], version)
     batch["advantages"] = compute_advantages(batch, cfg)
@@ -334,27 +307,13 @@ def train_step(
     train_start = time.perf_counter()
     train = engine.train_batch(batch)
     train_seconds = time.perf_counter() - train_start
+    # The optimizer boundary: the durable modes acknowledge the batch's samples here.
+    run.control.acknowledge(step)
 
-    # Weight update: no rollout starts while the sampler's weights change; requests in
-    # flight finish with the weights they started with, or, with interruptible generation
-    # on servers, are aborted here and finished with the new ones (each token's version
-    # says which).
     update_start = time.perf_counter()
-    executor.pause()
-    inference.pause()
-    with engine.engine_lock:
-        engine.upload_weights(inference, version=step)
-    engine.set_version(step)
-    inference.set_version(step)
-    if hasattr(inference, "score_tokens"):
-        # Before rollouts resume: an idle server answers at once, a busy one only after
-        # the requests it is decoding.
-        extra.update(weight_sync_agreement(engine, inference, batch, cfg.gconfig.temperature))
-    inference.resume()
-    executor.resume()
+    extra.update(rollouts.update_weights(engine, step, batch))
     update_seconds = time.perf_counter() - update_start
 
-    rollout = executor.get_stats()
     sequences = gather_sequences(batch, dist_ctx)
     prompts = trained_prompts(sequences)
     elapsed = time.perf_counter() - start
@@ -365,10 +324,7 @@ def train_step(
         **asdict(train),
         "staleness_max": int(staleness["max_lag"]),
         "staleness_mean": staleness["mean_lag"],
-        "rollouts_accepted": rollout.accepted,
-        "rollouts_rejected": rollout.rejected,
-        "rollouts_running": rollout.running,
-        "capacity": executor.get_capacity(),
+        **rollouts.stats(),
         "gen_tokens": gen_tokens,
         "gen_tokens_per_s": gen_tokens / max(elapsed, 1e-9),
         "train_tokens": int(batch["attention_mask"].sum()),
