@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # GSM8K is openai/gsm8k from the hub, or offline the copy shipped in the package.
 ARGS   ?=
 
-.PHONY: install install-vllm train smoke test test-slow bench bench-peer bench-rollout lint clean
+.PHONY: install install-vllm train smoke test test-slow bench bench-control bench-peer bench-rollout lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: install
 # into its own .venv-trl on first use; about 20 minutes on a 2-core CPU.
 bench-peer: install
 	$(PY) benchmarks/peer_trl.py $(ARGS)
+
+# The control plane's cost per sample in each deployment mode, beside the smoke step time.
+bench-control: install
+	$(PY) benchmarks/control_plane.py $(ARGS)
 
 # Rollout tokens/s of the in-process engine and of vLLM servers (needs make install-vllm).
 bench-rollout: install install-vllm

@@ -12,6 +12,9 @@ from tests.conftest import REPO, areal_cli, cli_env, schema_leaves
 # (override, text the one-line refusal must contain). The key and the bad value are
 # always named; the rest says what to change.
 BAD_VALUES = [
+    ("deployment_mode=colocated", "must be one of local_colocated, dataflow_colocated, disaggregated"),
+    ("metadata_store=redis", "must be one of noop, memory, sqlite"),
+    ("rollout.workers=0", "must be >= 1 (rollout worker processes)"),
     ("actor.optimizer.type=adamax", "adamw, sgd"),
     ("actor.optimizer.lr_scheduler_type=warmup", "constant, linear, cosine"),
     ("actor.kl_estimator=k4", "k1, k2, k3"),
@@ -58,6 +61,9 @@ def test_bad_value_refused_naming_key_and_value(override, fragment):
         (["gconfig.n_samples=1"], "gconfig.n_samples=1 with actor.group_reward_norm=true"),
         (["gconfig.temperature=0"], "gconfig.temperature=0"),
         (["trainer.total_steps=null", "rollout.consumer_batch_size=3"], "rollout.consumer_batch_size=3 differs"),
+        (["deployment_mode=disaggregated", "metadata_store=memory"], "needs metadata_store=sqlite"),
+        (["deployment_mode=disaggregated", "rollout.workers=3"], "rollout.workers=3 does not divide"),
+        (["deployment_mode=disaggregated", "trainer.eval_freq_steps=1"], "set trainer.eval_freq_steps=0"),
     ],
 )
 def test_cross_field_rules(overrides, fragment):
