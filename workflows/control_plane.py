@@ -33,9 +33,9 @@ from workflows.metadata import (
     MetadataStore,
     NoOpMetadataStore,
     SampleRef,
-    SQLiteMetadataStore,
     sample_id_of,
 )
+from workflows.sqlite_store import SQLiteMetadataStore
 
 _DEFAULT_STORE = {"local_colocated": "noop", "dataflow_colocated": "sqlite", "disaggregated": "sqlite"}
 
@@ -84,12 +84,14 @@ class ControlPlane:
         ack_at_optimizer_step: acknowledge a batch's refs once its optimizer step is
             done (durable modes); False acknowledges nothing (local_colocated).
         run_dir: the run's directory (sample files of disaggregated workers live there).
+        store_kind: which of METADATA_STORES `store` is.
     """
 
     mode: str
     store: MetadataStore
     ack_at_optimizer_step: bool
     run_dir: Path
+    store_kind: str
     _leased: list[SampleRef] = field(default_factory=list)
 
     @property
@@ -145,14 +147,10 @@ class ControlPlane:
         for path in (control_dir(self.run_dir), samples_dir(self.run_dir)):
             if path.exists():
                 shutil.rmtree(path)
-        self.store = open_store(_kind_of(self.store), self.run_dir)
+        self.store = open_store(self.store_kind, self.run_dir)
 
     def close(self) -> None:
         self.store.close()
-
-
-def _kind_of(store: MetadataStore) -> str:
-    return {NoOpMetadataStore: "noop", InMemoryMetadataStore: "memory", SQLiteMetadataStore: "sqlite"}[type(store)]
 
 
 def resolve_control_plane(mode: str, run_dir: Path, metadata_store: Optional[str] = None) -> ControlPlane:
@@ -173,4 +171,4 @@ def resolve_control_plane(mode: str, run_dir: Path, metadata_store: Optional[str
         raise ValueError(f"deployment_mode=disaggregated shares its store across processes; metadata_store={kind!r} "
                          "cannot, use sqlite (or null)")
     return ControlPlane(mode, open_store(kind, run_dir), ack_at_optimizer_step=kind != "noop",
-                        run_dir=Path(run_dir))
+                        run_dir=Path(run_dir), store_kind=kind)

@@ -40,12 +40,13 @@ from engines.weights import latest_version, load_published
 from workflows.control_plane import sample_ref, samples_dir, store_path
 from workflows.dataset import PromptLoader, load_prompt_dataset
 from workflows.executor import WorkflowExecutor
-from workflows.metadata import SQLiteMetadataStore, StaleWriterError, sample_id_of
+from workflows.metadata import StaleWriterError, sample_id_of
 from workflows.reward import RewardScorer
 from workflows.rlvr import RLVRWorkflow
 from workflows.rollouts import TRAINER_PID_ENV, WORKER_ENV, weights_root
 from workflows.run import build_inference
 from workflows.samples import write_sample
+from workflows.sqlite_store import SQLiteMetadataStore
 
 logger = logging.getLogger("areal.rollout_worker")
 

@@ -4,14 +4,18 @@
 
 The run's parts (model, data, sampler, trainer, reward, rollout controller) are built by
 `workflows/run.py`, which also restores them from a recover checkpoint. Each step
-  1. takes `consumer_batch_size` scored prompt groups from the rollout controller
-     (workflows/executor.py), which keeps generating in the background within the
-     staleness bound `rollout.max_head_offpolicyness` (0: synchronous RL);
+  1. takes `consumer_batch_size` scored prompt groups from the run's rollouts
+     (workflows/rollouts.py): the rollout controller (workflows/executor.py) in this
+     process, or rollout worker processes with `deployment_mode=disaggregated`; either
+     keeps generating in the background within the staleness bound
+     `rollout.max_head_offpolicyness` (0: synchronous RL);
   2. turns rewards into group-normalised advantages (GRPO);
   3. optionally recomputes proximal logprobs (decoupled PPO, AReaL);
-  4. updates the policy with the clipped PPO objective (engines/train_engine.py);
-  5. pauses rollouts, copies the new weights into the inference engine, bumps the
-     policy version, resumes;
+  4. updates the policy with the clipped PPO objective (engines/train_engine.py), then
+     acknowledges the batch's samples in the metadata store (durable deployment modes,
+     workflows/control_plane.py);
+  5. sends the new weights to the rollouts (in process: pause, copy, bump the policy
+     version, resume; disaggregated: a published version directory);
   6. logs one stats record, and saves a Hugging Face checkpoint when due;
   7. saves a recover checkpoint when due (every `trainer.recover_freq_steps`, default
      `save_freq_steps`, and at the end).

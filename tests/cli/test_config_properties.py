@@ -96,7 +96,7 @@ def cli(tmp_path_factory):
 
     accepted = []
 
-    def fake_run_training(cfg):
+    def fake_run_training(cfg, worker_launcher=None):
         build_without_model(cfg)
         accepted.append(cfg)
 

@@ -16,7 +16,8 @@ from tests.cli.test_resume import command, num_records, resumed_from, train
 from tests.cli.test_train_smoke import SIGNAL
 from tests.conftest import REPO, cli_env
 from workflows.control_plane import store_path
-from workflows.metadata import SQLiteMetadataStore, sample_id_of
+from workflows.metadata import sample_id_of
+from workflows.sqlite_store import SQLiteMetadataStore
 from workflows.stats import read_stats
 
 STEPS = 4

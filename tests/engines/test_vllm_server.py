@@ -186,3 +186,25 @@ def test_interrupted_request_on_a_real_server(tmp_path, model_dir):
     assert before > 0 and response.output_versions == [0] * before + [1] * after
     assert after > 0 or response.stop_reason == "stop"
     assert '"POST /abort_requests HTTP/1.1" 200' in (tmp_path / "logs" / "vllm_0.log").read_text()
+
+
+def test_disaggregated_rollout_worker_on_a_vllm_server(tmp_path):
+    """deployment_mode=disaggregated with rollout.backend=vllm: the rollout worker starts
+    its own server, loads each version the trainer publishes into it, and nothing of
+    either is left afterwards."""
+    steps = 2
+    out = subprocess.run(
+        train_args(tmp_path, "deployment_mode=disaggregated", "rollout.workers=1", steps=steps, prompts=2),
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=1500,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = next(p.parent for p in tmp_path.rglob("stats.jsonl"))
+    stats = records(run_dir)
+    assert [r["version"] for r in stats] == list(range(1, steps + 1))
+    assert all(r["staleness_max"] == 0 for r in stats)
+    # The worker loaded version 0 and every version published after a step but the last.
+    log = (run_dir / "logs" / "vllm_0.log").read_text()
+    assert log.count('"POST /collective_rpc HTTP/1.1" 200') == steps
+    print(f"disaggregated on vLLM: steps {[round(r['step_time_s'], 1) for r in stats]} s")
+    time.sleep(1)
+    assert not vllm_processes(tmp_path), "a vLLM process outlived the run"

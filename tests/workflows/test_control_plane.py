@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from workflows.control_plane import resolve_control_plane, sample_ref
-from workflows.metadata import InMemoryMetadataStore, NoOpMetadataStore, SQLiteMetadataStore
+from workflows.metadata import InMemoryMetadataStore, NoOpMetadataStore
+from workflows.sqlite_store import SQLiteMetadataStore
 
 
 def trajectory(prompt_id, versions, epoch=0):

@@ -10,10 +10,10 @@ from workflows.metadata import (
     InMemoryMetadataStore,
     NoOpMetadataStore,
     SampleRef,
-    SQLiteMetadataStore,
     StaleWriterError,
     sample_id_of,
 )
+from workflows.sqlite_store import SQLiteMetadataStore
 
 
 def ref(prompt_id, version=0, epoch=0, worker=0):
