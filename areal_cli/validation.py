@@ -30,7 +30,7 @@ from engines.config import (
     MODEL_DTYPES,
     OPTIMIZERS,
 )
-from workflows.config import DEPLOYMENT_MODES, METADATA_STORES, ROLLOUT_BACKENDS
+from workflows.config import DEPLOYMENT_MODES, METADATA_STORES, ROLLOUT_BACKENDS, STATS_BACKENDS, WANDB_MODES
 
 if TYPE_CHECKING:
     from areal_cli.config import ExperimentConfig
@@ -167,6 +167,10 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.recover_freq_steps", at_least(0), "must be >= 0, or null to follow save_freq_steps", optional=True),
     Rule("stats_logger.print_every", at_least(1), "must be >= 1 (steps)"),
     Rule("stats_logger.file_name", plain_name, "must be a file name without '/'"),
+    Rule("stats_logger.backends", lambda v: len(set(v)) == len(v) and all(b in STATS_BACKENDS for b in v),
+         "must list distinct backends among " + ", ".join(STATS_BACKENDS)),
+    Rule("stats_logger.wandb_project", plain_name, "must be a W&B project name without '/'"),
+    Rule("stats_logger.wandb_mode", one_of(WANDB_MODES), _choices(WANDB_MODES)),
 )
 
 

@@ -10,6 +10,8 @@ ROLLOUT_BACKENDS = ("local", "vllm", "sglang")
 # deployment_mode and metadata_store: the control plane (workflows/control_plane.py).
 DEPLOYMENT_MODES = ("local_colocated", "dataflow_colocated", "disaggregated")
 METADATA_STORES = ("noop", "memory", "sqlite")
+STATS_BACKENDS = ("console", "jsonl", "tensorboard", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -94,5 +96,11 @@ class TrainerConfig:
 
 @dataclass
 class StatsLoggerConfig:
+    # Where each step's record goes (workflows/stats.py): any of console, jsonl,
+    # tensorboard (<run_dir>/tensorboard/), wandb (<run_dir>/wandb/).
+    backends: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     print_every: int = 1  # steps between printed records
     file_name: str = "stats.jsonl"
+    wandb_project: str = "areal"
+    # offline: no network or account needed (`wandb sync` uploads later); online; disabled.
+    wandb_mode: str = "offline"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -118,6 +118,23 @@ class Position:
     trained: Optional[TrainedPrompts] = None
 
 
+def build_stats_logger(cfg: ExperimentConfig, run_dir: Path) -> StatsLogger:
+    """The console / jsonl / tensorboard / wandb backends of `stats_logger.backends`."""
+    s = cfg.stats_logger
+    trackers = []
+    if "tensorboard" in s.backends:
+        from workflows.trackers import TensorBoardTracker
+
+        trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
+    if "wandb" in s.backends:
+        from workflows.trackers import WandbTracker
+
+        trackers.append(WandbTracker(run_dir, project=s.wandb_project, name=f"{cfg.experiment_name}/{cfg.trial_name}",
+                                     mode=s.wandb_mode, config=asdict(cfg)))
+    return StatsLogger(run_dir / s.file_name if "jsonl" in s.backends else None,
+                       print_every=s.print_every if "console" in s.backends else 0, trackers=trackers)
+
+
 def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launcher: Optional[WorkerLauncher] = None) -> Run:
     """Model, data, sampler, trainer, reward and rollout controller, from config; with
     `deployment_mode=disaggregated` the rollout side is `rollout.workers` processes
@@ -131,7 +148,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir / "checkpoints")
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        stats_logger = StatsLogger(run_dir / cfg.stats_logger.file_name, print_every=cfg.stats_logger.print_every)
+        stats_logger = build_stats_logger(cfg, run_dir)
     else:
         stats_logger = NullStatsLogger()
     setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
@@ -305,7 +322,7 @@ def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:
                     shutil.rmtree(stale)
                     say(f"removed the superseded recover checkpoint {stale}")
         try:
-            dropped = truncate_records(run.stats_logger.path, position.stats_records)
+            dropped = truncate_records(run.stats_logger.path, position.stats_records) if run.stats_logger.path else 0
         except ValueError as exc:
             logger.warning("stats not rolled back: %s", exc)
             dropped = 0
@@ -346,4 +363,7 @@ def close_run(run: Run) -> None:
                 if run.inference is not None:
                     _close_inference(run.inference, run.servers)
             finally:
-                run.control.close()
+                try:
+                    run.control.close()
+                finally:
+                    run.stats_logger.close()

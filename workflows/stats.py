@@ -1,8 +1,11 @@
-"""Per-step statistics: printed to the console and appended to `stats.jsonl`.
+"""Per-step statistics: the console line, `stats.jsonl`, and any experiment trackers.
 
-One JSON object per line, one line per training step, written and flushed before the
-next step starts so a crashed run keeps every finished step's record. Only rank 0 of a
-data-parallel job writes; other ranks get a logger that does nothing.
+`stats_logger.backends` chooses where each step's record goes, several at once:
+`console` (one line per step), `jsonl` (one JSON object per line in `stats.jsonl`,
+written and flushed before the next step starts, so a crashed run keeps every finished
+step's record; crash recovery rolls it back), `tensorboard` and `wandb`
+(workflows/trackers.py). Only rank 0 of a data-parallel job writes; other ranks get a
+logger that does nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 import resource
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from rich.console import Console
 
@@ -39,12 +42,21 @@ def peak_rss_gb() -> float:
 
 
 class StatsLogger:
-    """Append-only JSONL stats with a one-line console summary per step."""
+    """Each step's record to the console line, `path` (JSONL) and `trackers`.
 
-    def __init__(self, path: Optional[Path], *, console: Optional[Console] = None, print_every: int = 1):
+    Args:
+        path: the JSONL file, or None for no file (`stats_logger.backends` without jsonl).
+        print_every: steps between console lines (the last step is always printed);
+            0 prints none (no `console` backend). Messages (`info`) are always printed.
+        trackers: objects with `log(record, step)` and `close()` (workflows/trackers.py).
+    """
+
+    def __init__(self, path: Optional[Path], *, console: Optional[Console] = None, print_every: int = 1,
+                 trackers: Sequence = ()):
         self.path = Path(path) if path else None
         self.console = console or Console(soft_wrap=True)
-        self.print_every = max(1, print_every)
+        self.print_every = print_every
+        self.trackers = list(trackers)
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -54,11 +66,25 @@ class StatsLogger:
             with self.path.open("a") as f:
                 f.write(json.dumps(clean) + "\n")
         step = clean.get("step", 0)
-        if step % self.print_every == 0 or step == total_steps:
+        for tracker in self.trackers:
+            tracker.log(clean, step)
+        if self.print_every > 0 and (step % self.print_every == 0 or step == total_steps):
             self.console.print(format_line(clean, total_steps), highlight=False)
 
     def info(self, message: str) -> None:
         self.console.print(message, highlight=False)
+
+    def close(self) -> None:
+        """Flush and close every tracker (each even if an earlier one fails)."""
+        trackers, self.trackers = self.trackers, []
+        errors = []
+        for tracker in trackers:
+            try:
+                tracker.close()
+            except Exception as exc:  # noqa: BLE001 - the next tracker still closes
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 class NullStatsLogger(StatsLogger):
@@ -66,6 +92,7 @@ class NullStatsLogger(StatsLogger):
 
     def __init__(self) -> None:
         self.path = None
+        self.trackers = []
 
     def log(self, record: dict, *, total_steps: Optional[int] = None) -> None:
         pass

@@ -12,6 +12,8 @@ from tests.conftest import REPO, areal_cli, cli_env, schema_leaves
 # (override, text the one-line refusal must contain). The key and the bad value are
 # always named; the rest says what to change.
 BAD_VALUES = [
+    ("stats_logger.backends=[console,mlflow]", "must list distinct backends among console, jsonl, tensorboard, wandb"),
+    ("stats_logger.wandb_mode=cloud", "must be one of offline, online, disabled"),
     ("deployment_mode=colocated", "must be one of local_colocated, dataflow_colocated, disaggregated"),
     ("metadata_store=redis", "must be one of noop, memory, sqlite"),
     ("rollout.workers=0", "must be >= 1 (rollout worker processes)"),
