@@ -3,6 +3,7 @@
     areal train config=gsm8k_grpo trainer.total_steps=3  # GSM8K from the hub, or the shipped copy
     areal train config=smoke                      # tiny model, 2 steps, CPU, < 1 minute
     areal config show config=gsm8k_grpo actor.optimizer.lr=1e-5
+    areal plot runs/gsm8k-grpo/trial0 [more runs...]  # curves.png of the runs' stats
 
 `config=NAME` picks `areal_cli/configs/NAME.yaml`; every other argument is a Hydra override
 (`a.b=c` sets, `+a.b=c` adds, `~a.b` deletes). A mistake in the config, or a hub id that
@@ -11,6 +12,7 @@ cannot be reached with no offline copy, exits with status 2 and one line that na
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List
 
 import typer
@@ -65,6 +67,24 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
     except RunInterrupted as exc:  # one line: where the run can be resumed from
         err.print(exc.resume_hint(["areal", "train", *words]), markup=False, highlight=False)
         raise typer.Exit(code=exc.exit_code) from None
+
+
+@app.command()
+def plot(
+    runs: List[Path] = typer.Argument(..., help="run directories (each with a stats.jsonl)"),
+    out: Path = typer.Option(None, "--out", "-o", help="PNG to write (default: <first run>/curves.png)"),
+    title: str = typer.Option(None, help="figure title"),
+) -> None:
+    """Draw reward, accuracy, held-out accuracy, loss, response length, staleness and step
+    time against step, the runs overlaid, into one PNG."""
+    from workflows.plots import plot_runs
+
+    try:
+        written = plot_runs(runs, out or runs[0] / "curves.png", title=title)
+    except FileNotFoundError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(code=2) from None
+    Console().print(f"wrote {written}")
 
 
 @config_app.command("show", context_settings=PASSTHROUGH)
