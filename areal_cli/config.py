@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from areal_cli.validation import ConfigError, check_config
 from engines.config import ActorConfig, GenerationConfig, ModelConfig
-from workflows.config import DatasetConfig, RolloutConfig, StatsLoggerConfig, TrainerConfig
+from workflows.config import DatasetConfig, EvalConfig, RolloutConfig, StatsLoggerConfig, TrainerConfig
 
 
 @dataclass
@@ -51,6 +51,7 @@ class ExperimentConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stats_logger: StatsLoggerConfig = field(default_factory=StatsLoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir:

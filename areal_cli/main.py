@@ -69,6 +69,31 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
         raise typer.Exit(code=exc.exit_code) from None
 
 
+@app.command(name="eval", context_settings=PASSTHROUGH)
+def eval_command(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False)) -> None:
+    """Held-out accuracy of `model.path` (greedy pass@1, and pass@k with eval.n_samples):
+    areal eval config=gsm8k_grpo model.path=RUN/checkpoints/step_N"""
+    from workflows.shutdown import RunInterrupted, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            cfg = resolve_or_exit(args or [])
+            from engines.hub import HubError
+            from workflows.evaluation import evaluate_model
+
+            try:
+                report, path = evaluate_model(cfg)
+            except HubError as exc:
+                fail(str(exc))
+    except RunInterrupted as exc:
+        raise typer.Exit(code=exc.exit_code) from None
+    line = f"accuracy {report['accuracy']:.3f} +- {report['accuracy_se']:.3f} (greedy pass@1, {report['num_prompts']} prompts)"
+    for key in sorted(k for k in report if k.startswith("pass@")):
+        line += f", {key} {report[key]:.3f}"
+    Console().print(line)
+    Console().print(f"report: {path}")
+
+
 @app.command()
 def plot(
     runs: List[Path] = typer.Argument(..., help="run directories (each with a stats.jsonl)"),

@@ -166,6 +166,10 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.eval_freq_steps", at_least(0), "must be >= 0 (0 never evaluates)"),
     Rule("trainer.recover_freq_steps", at_least(0), "must be >= 0, or null to follow save_freq_steps", optional=True),
     Rule("stats_logger.print_every", at_least(1), "must be >= 1 (steps)"),
+    Rule("eval.n_samples", at_least(0), "must be >= 0 (sampled completions per prompt; 0: greedy only)"),
+    Rule("eval.pass_k", lambda v: all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in v),
+         "must list integers k >= 1"),
+    Rule("eval.report", non_empty, "must be a file path, or null for <run_dir>/eval/<model>.json", optional=True),
     Rule("stats_logger.file_name", plain_name, "must be a file name without '/'"),
     Rule("stats_logger.backends", lambda v: len(set(v)) == len(v) and all(b in STATS_BACKENDS for b in v),
          "must list distinct backends among " + ", ".join(STATS_BACKENDS)),
@@ -224,6 +228,9 @@ def _cross_field_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
             "seeds, and batching on a server changes numerics); set rollout.backend=local or actor.deterministic=false"
         )
     errors += _deployment_errors(cfg, world_size)
+    if cfg.trainer.eval_freq_steps and data.eval_split == data.split:
+        errors.append(f"dataset.eval_split={data.eval_split} is the training split; evaluation must be held out "
+                      "(e.g. dataset.eval_split=test)")
     if data.batch_size % world_size:
         errors.append(
             f"dataset.batch_size={data.batch_size} does not split over {world_size} replicas; "

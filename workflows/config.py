@@ -95,6 +95,19 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation (workflows/evaluation.py): `areal eval`, and the trainer's every
+    `trainer.eval_freq_steps` on `dataset.eval_split` (at most `dataset.max_eval_samples`)."""
+
+    # Sampled completions per prompt (at gconfig.temperature) for pass@k, beside the greedy
+    # one; 0: greedy pass@1 only.
+    n_samples: int = 0
+    pass_k: list[int] = field(default_factory=lambda: [1, 4, 8])  # the k <= n_samples are reported
+    # `areal eval`'s JSON report; null: <run_dir>/eval/<model directory name>-<eval split>.json
+    report: Optional[str] = None
+
+
+@dataclass
 class StatsLoggerConfig:
     # Where each step's record goes (workflows/stats.py): any of console, jsonl,
     # tensorboard (<run_dir>/tensorboard/), wandb (<run_dir>/wandb/).

@@ -602,6 +602,12 @@ class WorkflowExecutor:
             runner.resume()
         self._flush()
 
+    def run_outside_bound(self, coroutine, timeout: float | None = None):
+        """Run `coroutine` (e.g. an evaluation using the inference engine) on the rollout
+        loop, so it shares the engine's batching and HTTP sessions, but outside the
+        staleness accounting; blocks for its value. Raises what `AsyncTaskRunner.run` raises."""
+        return self._require_runner().run(coroutine, timeout)
+
     def get_capacity(self) -> int:
         """`StalenessManager.get_capacity()`: rollouts that may start now (may be negative)."""
         return self.staleness_manager.get_capacity()

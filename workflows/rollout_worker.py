@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from areal_cli.config import ExperimentConfig, from_yaml
+from engines.distributed import DistributedContext
 from engines.factories import setup_cpu_threads, setup_deterministic_mode, setup_malloc
 from engines.inference import LocalInferenceEngine
 from engines.model import load_model, load_tokenizer, resolve_model_dir
@@ -80,13 +81,6 @@ def _worker_identity() -> tuple[int, int]:
     return int(index), int(count)
 
 
-class _Dist:
-    """What `build_inference` reads of a distributed context: a worker's own rank."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank, self.world_size, self.is_main = rank, 1, False
-
-
 def _load_weights(inference, version: int, path: Path) -> None:
     if hasattr(inference, "update_weights_from_disk"):  # inference servers read the directory
         inference.update_weights_from_disk(path, version)
@@ -125,7 +119,7 @@ def run_worker(cfg: ExperimentConfig, index: int, count: int, trainer_pid: Optio
         inference = LocalInferenceEngine(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                          max_batch_size=cfg.gconfig.max_batch_size, shares_weights=False)
     else:
-        inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, _Dist(index))
+        inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, DistributedContext(rank=index))
     scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
     workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer,
                             seed=cfg.seed if cfg.actor.deterministic else None)

@@ -28,6 +28,7 @@ from engines.train_engine import TrainEngine
 from engines.weights import publish_weights
 from workflows.control_plane import ControlPlane, resolve_control_plane
 from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
+from workflows.evaluation import held_out_rows
 from workflows.executor import WorkflowExecutor
 from workflows.recover import (
     drop_trajectory_dumps,
@@ -170,8 +171,12 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
     total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * loader.steps_per_epoch()
     eval_rows: list[dict] = []
     if cfg.trainer.eval_freq_steps > 0 and dist_ctx.is_main:
-        eval_rows = load_prompt_dataset(cfg.dataset, tokenizer, split=cfg.dataset.eval_split).rows
+        eval_rows, overlap = held_out_rows(
+            load_prompt_dataset(cfg.dataset, tokenizer, split=cfg.dataset.eval_split).rows, train_data.rows
+        )
         eval_rows = eval_rows[: cfg.dataset.max_eval_samples]
+        stats_logger.info(f"evaluation: {len(eval_rows)} held-out prompts of {cfg.dataset.eval_split}"
+                          + (f" ({overlap} also in the training split left out)" if overlap else ""))
 
     policy = load_model(cfg.model, model_dir, seed=cfg.seed)
     control = resolve_control_plane(cfg.deployment_mode, run_dir, cfg.metadata_store)
@@ -217,7 +222,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
         finally:
             try:
                 if inference is not None:
-                    _close_inference(inference, servers)
+                    close_inference(inference, servers)
             finally:
                 control.close()
         raise
@@ -277,7 +282,7 @@ def build_inference(
     ), servers
 
 
-def _close_inference(inference, servers: Optional[ServerGroup]) -> None:
+def close_inference(inference, servers: Optional[ServerGroup]) -> None:
     try:
         inference.destroy()
     finally:
@@ -361,7 +366,7 @@ def close_run(run: Run) -> None:
         finally:
             try:
                 if run.inference is not None:
-                    _close_inference(run.inference, run.servers)
+                    close_inference(run.inference, run.servers)
             finally:
                 try:
                     run.control.close()

@@ -24,6 +24,7 @@ CONSOLE_FIELDS = (
     ("reward_mean", "reward", ".3f"),
     ("accuracy", "acc", ".3f"),
     ("response_length_mean", "len", ".0f"),
+    ("eval_accuracy", "eval acc", ".3f"),
     ("loss", "loss", ".4g"),
     ("grad_norm", "gnorm", ".3g"),
     ("lr", "lr", ".2e"),

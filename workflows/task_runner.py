@@ -18,6 +18,7 @@ its last line after that) and counted, and the runner keeps going.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -393,6 +394,24 @@ class AsyncTaskRunner:
         """Tasks submitted but not started yet."""
         with self._lock:
             return len(self._queue)
+
+    def run(self, coroutine, timeout: float | None = None):
+        """Run one coroutine on the loop, outside the task queue and its results, and
+        block for its value (it raises what the coroutine raised).
+
+        Raises:
+            RuntimeError: before `start` or after `destroy`.
+            TimeoutError: not done within `timeout` seconds (it is cancelled).
+        """
+        if self._loop is None or not self._loop.is_running():
+            coroutine.close()
+            raise RuntimeError("AsyncTaskRunner.run() needs a started, running runner")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"the coroutine did not finish within {timeout} s") from None
 
     def get_output_queue_size(self) -> int:
         """Results ready and not yet taken by `wait`."""

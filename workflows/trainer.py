@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -57,9 +57,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from areal_cli.config import ExperimentConfig
 from engines.distributed import DistributedContext, init_distributed, shutdown_distributed
-from engines.inference import GenerationRequest, LocalInferenceEngine
 from engines.ppo import group_normalized_advantages
 from workflows.batch import staleness_stats
+from workflows.evaluation import run_evaluation, stats_of, write_report
 from workflows.executor import RolloutFailureError
 from workflows.recover import (
     RecoverInfo,
@@ -67,7 +67,6 @@ from workflows.recover import (
     load_rng_state,
     save_recover_checkpoint,
 )
-from workflows.reward import RewardScorer
 from workflows.rollouts import WorkerLauncher
 from workflows.run import Run, build_run, close_run, find_resume_point, last_recover_step, restore_or_reset
 from workflows.shutdown import RunInterrupted, deferred_stop, stop_on_signals
@@ -141,16 +140,12 @@ def logprob_agreement(batch: dict[str, torch.Tensor], recomputed: torch.Tensor, 
     return {"logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else float("nan")}
 
 
-def evaluate(cfg: ExperimentConfig, inference: LocalInferenceEngine, scorer: RewardScorer, tokenizer, rows: list[dict]) -> dict:
-    """Accuracy of one sampled completion per held-out prompt."""
-    g = replace(cfg.gconfig, n_samples=1)
-    correct = 0
-    for start in range(0, len(rows), g.max_batch_size):
-        chunk = rows[start : start + g.max_batch_size]
-        responses = inference.generate_blocking([GenerationRequest.from_gconfig(r["prompt_ids"], g) for r in chunk])
-        for row, response in zip(chunk, responses):
-            correct += scorer.score(tokenizer.decode(response.output_ids, skip_special_tokens=True), row["answer"])
-    return {"eval_accuracy": correct / max(len(rows), 1), "eval_num_prompts": len(rows)}
+def evaluate_held_out(cfg: ExperimentConfig, run: Run, step: int, progress) -> dict:
+    """Greedy pass@1 (and pass@k) on the held-out prompts with the weights of `step`,
+    through the run's rollout controller; the report goes to `<run_dir>/eval/step_<step>.json`."""
+    report = run_evaluation(run.executor, run.inference, run.scorer, run.tokenizer, run.eval_rows, cfg, progress=progress)
+    write_report(report, run.run_dir / "eval" / f"step_{step}.json")
+    return stats_of(report)
 
 
 def run_training(cfg: ExperimentConfig, worker_launcher: Optional[WorkerLauncher] = None) -> Path:
@@ -236,6 +231,11 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
         load_rng_state(resume_from)
     final = run.checkpoints / f"step_{total_steps}"
     with progress:
+        if run.eval_rows and position.step == 0:
+            # The baseline every later evaluation is compared with, as a record of step 0.
+            with deferred_stop():
+                stats_logger.log({"step": 0, **evaluate_held_out(cfg, run, 0, progress)}, total_steps=total_steps)
+                position.stats_records += 1
         task = progress.add_task("steps", total=total_steps, completed=position.step)
         for step in range(position.step + 1, total_steps + 1):
             try:
@@ -253,7 +253,7 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
             failed = run.scorer.stats.num_failed if run.scorer is not None else 0
             record["reward_failures"] = position.reward_failures + failed
             if run.eval_rows and step % cfg.trainer.eval_freq_steps == 0:
-                record.update(evaluate(cfg, run.inference, run.scorer, run.tokenizer, run.eval_rows))
+                record.update(evaluate_held_out(cfg, run, step, progress))
             # The step's record and checkpoints are written whole: a signal waits for them.
             with deferred_stop():
                 duplicates = position.trained.update(zip(record["prompt_epochs"], record["prompt_ids"]))
