@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from engines.config import (
     ATTN_IMPLEMENTATIONS,
     KL_ESTIMATORS,
+    LOSS_NORMALIZATIONS,
     LR_SCHEDULERS,
     MIXED_PRECISION,
     MODEL_DTYPES,
@@ -131,6 +132,7 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.reward_timeout", greater_than(0), "must be > 0 (seconds)"),
     Rule("rollout.reward_workers", at_least(1), "must be >= 1 (processes)"),
     Rule("rollout.max_consecutive_rejections", at_least(1), "must be >= 1 (rollouts rejected in a row before the run stops)"),
+    Rule("rollout.max_consecutive_filtered", at_least(1), "must be >= 1 (groups dropped in a row by dynamic sampling)"),
     Rule("rollout.backend", one_of(ROLLOUT_BACKENDS), _choices(ROLLOUT_BACKENDS)),
     Rule("rollout.servers", server_list, "must be a number of servers >= 1 or a list of host:port addresses"),
     Rule("rollout.server_python", non_empty, "must be an interpreter path, or null for ./.venv-<backend>", optional=True),
@@ -159,6 +161,9 @@ RULES: tuple[Rule, ...] = (
     Rule("actor.kl_ctl", at_least(0), "must be >= 0 (0 disables the KL penalty)"),
     Rule("actor.kl_estimator", one_of(KL_ESTIMATORS), _choices(KL_ESTIMATORS)),
     Rule("actor.mixed_precision", one_of(MIXED_PRECISION), _choices(MIXED_PRECISION)),
+    Rule("actor.loss_normalization", one_of(LOSS_NORMALIZATIONS), _choices(LOSS_NORMALIZATIONS)),
+    Rule("actor.overlong_buffer_tokens", at_least(0), "must be >= 0 (tokens; 0 disables the overlong penalty)"),
+    Rule("actor.overlong_penalty", at_least(0), "must be >= 0 (reward lost at gconfig.max_new_tokens)"),
     Rule("actor.behav_imp_weight_cap", greater_than(1), "must be > 1, or null for no cap", optional=True),
     Rule("trainer.total_steps", at_least(1), "must be >= 1, or null to train trainer.total_epochs", optional=True),
     Rule("trainer.total_epochs", at_least(1), "must be >= 1"),
@@ -208,6 +213,9 @@ def _cross_field_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
             f"actor.max_tokens_per_mb={actor.max_tokens_per_mb} cannot hold one sequence of up to {sequence} tokens "
             f"(dataset.max_prompt_length + gconfig.max_new_tokens); raise it to at least {sequence}"
         )
+    if actor.overlong_buffer_tokens > g.max_new_tokens:
+        errors.append(f"actor.overlong_buffer_tokens={actor.overlong_buffer_tokens} exceeds gconfig.max_new_tokens="
+                      f"{g.max_new_tokens}; the penalty buffer must fit in the generation budget")
     if actor.use_decoupled_loss and not actor.recompute_logprob:
         errors.append(
             "actor.use_decoupled_loss=True needs the proximal logprobs; set actor.recompute_logprob=true"

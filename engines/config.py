@@ -21,6 +21,9 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 # none: float32 compute; bf16: bfloat16 autocast; auto: bf16 where the hardware computes it
 # natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else none.
 MIXED_PRECISION = ("none", "bf16", "auto")
+# actor.loss_normalization: the PPO loss's denominator. token: the batch's trained-token
+# count (DAPO's token-level mean); constant: sequences x gconfig.max_new_tokens (Dr. GRPO).
+LOSS_NORMALIZATIONS = ("token", "constant")
 
 
 @dataclass
@@ -100,6 +103,17 @@ class ActorConfig:
     # reward itself as the advantage (REINFORCE with baseline -reward_bias).
     group_reward_norm: bool = True
     group_adv_std_norm: bool = True  # divide by the group's std (Dr. GRPO sets False)
+    # token | constant (see LOSS_NORMALIZATIONS); Dr. GRPO (Liu et al., 2025, arXiv
+    # 2503.20783) is group_adv_std_norm=false with loss_normalization=constant.
+    loss_normalization: str = "token"
+    # DAPO's soft overlong punishment (Yu et al., 2025, arXiv 2503.14476): a completion
+    # longer than gconfig.max_new_tokens - overlong_buffer_tokens loses up to
+    # overlong_penalty reward, linearly over the buffer. 0 tokens: off.
+    overlong_buffer_tokens: int = 0
+    overlong_penalty: float = 1.0
+    # DAPO's dynamic sampling: drop prompt groups whose rewards are all equal (no
+    # advantage, no gradient) and keep generating until the batch is full.
+    dynamic_sampling: bool = False
     # Decoupled PPO (AReaL): recompute proximal logprobs with the current weights before
     # the update and use them as the trust-region anchor.
     recompute_logprob: bool = False

@@ -44,6 +44,24 @@ def group_normalized_advantages(
     return centered.view(-1)
 
 
+def overlong_penalty(lengths: torch.Tensor, *, max_new_tokens: int, buffer_tokens: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al., 2025, arXiv 2503.14476, eq. 13), a
+    reward term per completion: 0 up to `max_new_tokens - buffer_tokens` tokens, then
+    falling linearly to `-factor` at `max_new_tokens` (and below that for longer ones).
+
+    Args:
+        lengths: [B] completion lengths in tokens.
+    Returns:
+        [B] float32, <= 0.
+    Raises:
+        ValueError: `buffer_tokens` outside [1, max_new_tokens].
+    """
+    if not 1 <= buffer_tokens <= max_new_tokens:
+        raise ValueError(f"overlong buffer must be in [1, {max_new_tokens}] tokens, got {buffer_tokens}")
+    excess = lengths.float() - (max_new_tokens - buffer_tokens)
+    return -factor * (excess.clamp(min=0) / buffer_tokens)
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy.
 

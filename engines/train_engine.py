@@ -79,6 +79,8 @@ class TrainEngine:
         model: a transformers causal LM (float weights).
         total_steps: training steps in the run; sizes the LR schedule.
         max_sequence_tokens: the longest possible sequence (prompt + completion), tokens.
+        max_new_tokens: the generation budget per completion, tokens; the denominator of
+            `actor.loss_normalization=constant` (Dr. GRPO) is sequences x this.
         temperature: sampling temperature, so recomputed logprobs match the sampler's.
         ref_model: frozen initial policy for the KL penalty (needed iff `cfg.kl_ctl > 0`).
         dist_ctx: the data-parallel job this engine belongs to (default: one process).
@@ -99,6 +101,7 @@ class TrainEngine:
         temperature: float,
         ref_model: Optional[nn.Module] = None,
         dist_ctx: Optional[DistributedContext] = None,
+        max_new_tokens: Optional[int] = None,
     ):
         if cfg.kl_ctl > 0 and ref_model is None:
             raise ValueError("actor.kl_ctl > 0 needs a reference model")
@@ -107,6 +110,9 @@ class TrainEngine:
         self.ref_model = ref_model.eval().requires_grad_(False) if ref_model is not None else None
         self.temperature = temperature
         self.pad_to = validate_and_force_pad_to_maximum(cfg, max_sequence_tokens=max_sequence_tokens)
+        if cfg.loss_normalization == "constant" and not max_new_tokens:
+            raise ValueError("actor.loss_normalization=constant needs max_new_tokens (gconfig.max_new_tokens)")
+        self.max_new_tokens = max_new_tokens
         # None: float32 compute. The weights stay float32 either way (autocast casts them
         # per matmul), so the optimizer updates full-precision parameters.
         self.autocast_dtype = resolve_mixed_precision(cfg.mixed_precision)
@@ -328,6 +334,10 @@ class TrainEngine:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         num_tokens = float(mini["loss_mask"].sum())
+        if cfg.loss_normalization == "constant":
+            # Dr. GRPO: every sequence counts as the full generation budget, so a token's
+            # weight does not depend on its answer's length.
+            num_tokens = float(len(mini["loss_mask"]) * self.max_new_tokens)
         if self.world_size > 1:
             # Normalise by the token count of the whole global minibatch so that the
             # all-reduced gradient equals the single-process one.

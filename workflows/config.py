@@ -52,6 +52,9 @@ class RolloutConfig:
     # rejected (raised, returned None, or failed should_accept) with none accepted in
     # between; staleness expiries and cancellations do not count. >= 1.
     max_consecutive_rejections: int = 64
+    # actor.dynamic_sampling: stop with an error once this many prompt groups in a row had
+    # all-equal rewards (nothing to learn from), rather than generate forever. >= 1.
+    max_consecutive_filtered: int = 1024
     # Where rollouts are generated: local (the in-process engine) | vllm | sglang
     # (inference servers over HTTP, engines/servers.py and engines/remote.py).
     backend: str = "local"

@@ -62,6 +62,9 @@ AcceptFn = Callable[[Trajectory], bool]
 
 # Rejections that count towards `rollout.max_consecutive_rejections`, as the message words them.
 FAILURE_REASONS = {"error": "raised", "none": "returned None", "should_accept": "failed should_accept"}
+# Rejections by the group filter (dynamic sampling) have a streak limit of their own,
+# `rollout.max_consecutive_filtered`: a filtered group is no failure of the rollout.
+FILTERED = "filtered"
 
 
 class RolloutFailureError(RuntimeError):
@@ -83,6 +86,11 @@ class RolloutFailureError(RuntimeError):
         super().__init__(count, self.reasons, last_error)
 
     def __str__(self) -> str:
+        if set(self.reasons) == {FILTERED}:
+            message = (f"{self.count} prompt groups in a row had all-equal rewards and were dropped by dynamic sampling, "
+                       "none kept; the task is too hard or too easy for this model: change the data or the model, "
+                       "raise rollout.max_consecutive_filtered, or set actor.dynamic_sampling=false")
+            return message + (f"; {self.context}" if self.context else "")
         reasons = ", ".join(f"{n} {FAILURE_REASONS.get(r, r)}" for r, n in sorted(self.reasons.items(), key=lambda x: -x[1]))
         message = f"{self.count} rollouts in a row were rejected and none accepted ({reasons})"
         if self.last_error:
@@ -129,6 +137,10 @@ class WorkflowExecutor:
             `config.consumer_batch_size` is None (it then means the dataloader's batch size).
         trajectory_dump_dir: if set, every trajectory returned to the trainer is appended
             to `<dir>/<version>.jsonl`, one line per sample.
+        group_filter: called with every trajectory that passed `should_accept`; False
+            drops it as "filtered" (dynamic sampling: a group without reward variance),
+            which frees its slot for the next prompt without counting as a failure. After
+            `rollout.max_consecutive_filtered` in a row the executor stops as on failures.
         destroy_timeout: seconds `destroy` waits for in-flight rollouts to cancel.
 
     Raises:
@@ -144,6 +156,7 @@ class WorkflowExecutor:
         consumer_batch_size: int | None = None,
         trajectory_dump_dir: str | Path | None = None,
         destroy_timeout: float = 5.0,
+        group_filter: AcceptFn | None = None,
     ) -> None:
         if config.consumer_batch_size is None and consumer_batch_size is None:
             raise ValueError("set rollout.consumer_batch_size or pass consumer_batch_size= (the dataloader batch size)")
@@ -167,6 +180,8 @@ class WorkflowExecutor:
         )  # type: ignore[assignment]
         self.trajectory_dump_dir = Path(trajectory_dump_dir) if trajectory_dump_dir is not None else None
         self.destroy_timeout = destroy_timeout
+        self.group_filter = group_filter
+        self._filtered_streak = 0
         self.staleness_manager = StalenessManager(
             max_concurrent_rollouts=config.max_concurrent_rollouts,
             consumer_batch_size=self.consumer_batch_size,
@@ -289,7 +304,18 @@ class WorkflowExecutor:
         if should_accept is not None and not should_accept(trajectory):
             self._count_rejection("should_accept")
             return None
+        if self.group_filter is not None and not self.group_filter(trajectory):
+            self._count_filtered()
+            return None
         return trajectory
+
+    def _count_filtered(self) -> None:
+        with self._lock:
+            self._rejections[FILTERED] += 1
+            self._filtered_streak += 1
+            if self._failure is None and self._filtered_streak >= self.config.max_consecutive_filtered:
+                self._failure = RolloutFailureError(self._filtered_streak, {FILTERED: self._filtered_streak}, None)
+                logger.warning("%d prompt groups in a row were filtered: starting no more", self._filtered_streak)
 
     def _count_rejection(self, reason: str, error: str | None = None) -> None:
         with self._lock:
@@ -312,6 +338,7 @@ class WorkflowExecutor:
             with self._lock:
                 self._streak.clear()
                 self._streak_error = None
+                self._filtered_streak = 0
         else:
             self.staleness_manager.on_rollout_rejected()
             if result.error is not None:
@@ -618,7 +645,7 @@ class WorkflowExecutor:
 
     @property
     def rejection_counts(self) -> dict[str, int]:
-        """Rejections by reason: none, should_accept, error, cancelled, expired."""
+        """Rejections by reason: none, should_accept, error, cancelled, expired, filtered."""
         with self._lock:
             return dict(self._rejections)
 

@@ -56,6 +56,14 @@ class RLVRWorkflow:
         return trajectory
 
 
+def has_reward_variance(trajectory: dict[str, torch.Tensor]) -> bool:
+    """DAPO's dynamic-sampling filter (Yu et al., 2025, arXiv 2503.14476): keep a prompt
+    group only if its rewards ([n] float32) are not all equal; an all-correct or
+    all-wrong group has zero group-normalised advantage and gives no gradient."""
+    rewards = trajectory["rewards"]
+    return bool((rewards != rewards[0]).any())
+
+
 def pack_trajectory(
     responses: list[GenerationResponse], rewards: list[float], *, pad_token_id: int
 ) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ from workflows.dataset import PromptLoader, load_prompt_dataset
 from workflows.executor import WorkflowExecutor
 from workflows.metadata import StaleWriterError, sample_id_of
 from workflows.reward import RewardScorer
-from workflows.rlvr import RLVRWorkflow
+from workflows.rlvr import RLVRWorkflow, has_reward_variance
 from workflows.rollouts import TRAINER_PID_ENV, WORKER_ENV, weights_root
 from workflows.run import build_inference
 from workflows.samples import write_sample
@@ -124,7 +124,8 @@ def run_worker(cfg: ExperimentConfig, index: int, count: int, trainer_pid: Optio
     workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer,
                             seed=cfg.seed if cfg.actor.deterministic else None)
     executor = WorkflowExecutor(replace(cfg.rollout, consumer_batch_size=None), inference,
-                                consumer_batch_size=loader.local_batch_size)
+                                consumer_batch_size=loader.local_batch_size,
+                                group_filter=has_reward_variance if cfg.actor.dynamic_sampling else None)
     try:
         _load_weights(inference, *found)
         mine = [r for r in store.refs() if r.worker == index]

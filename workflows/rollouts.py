@@ -113,7 +113,8 @@ class ColocatedRollouts:
     def stats(self) -> dict:
         rollout = self.executor.get_stats()
         return {"rollouts_accepted": rollout.accepted, "rollouts_rejected": rollout.rejected,
-                "rollouts_running": rollout.running, "capacity": self.executor.get_capacity()}
+                "rollouts_running": rollout.running, "capacity": self.executor.get_capacity(),
+                "groups_filtered": self.executor.rejection_counts.get("filtered", 0)}
 
     def close(self) -> None:
         self.executor.destroy()

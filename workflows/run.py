@@ -39,7 +39,7 @@ from workflows.recover import (
     truncate_records,
 )
 from workflows.reward import RewardScorer
-from workflows.rlvr import RLVRWorkflow
+from workflows.rlvr import RLVRWorkflow, has_reward_variance
 from workflows.rollouts import ColocatedRollouts, DisaggregatedRollouts, RolloutWorkers, WorkerLauncher
 from workflows.stats import NullStatsLogger, StatsLogger
 
@@ -193,6 +193,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
             # The reference model (KL penalty) is the initial policy, also after a resume.
             ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,
             dist_ctx=dist_ctx,
+            max_new_tokens=cfg.gconfig.max_new_tokens,
         )
         if control.disaggregated:
             if worker_launcher is None:
@@ -213,6 +214,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
                 inference,
                 consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
                 trajectory_dump_dir=dump_dir,
+                group_filter=has_reward_variance if cfg.actor.dynamic_sampling else None,
             )
             rollouts = ColocatedRollouts(executor, loader, workflow, inference, control, cfg.gconfig.temperature)
     except BaseException:

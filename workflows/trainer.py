@@ -57,7 +57,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from areal_cli.config import ExperimentConfig
 from engines.distributed import DistributedContext, init_distributed, shutdown_distributed
-from engines.ppo import group_normalized_advantages
+from engines.ppo import group_normalized_advantages, overlong_penalty
 from workflows.batch import staleness_stats
 from workflows.evaluation import run_evaluation, stats_of, write_report
 from workflows.executor import RolloutFailureError
@@ -76,11 +76,16 @@ logger = logging.getLogger(__name__)
 
 
 def compute_advantages(batch: dict[str, torch.Tensor], cfg: ExperimentConfig) -> torch.Tensor:
-    """[B, L] float32 advantages: rewards shifted by `reward_bias` and scaled by
+    """[B, L] float32 advantages: rewards plus DAPO's overlong penalty (when
+    `actor.overlong_buffer_tokens` > 0), shifted by `reward_bias` and scaled by
     `reward_scaling`, then group-normalised per prompt (GRPO) unless
     `actor.group_reward_norm=false`, broadcast over each sequence's completion tokens."""
     actor = cfg.actor
-    rewards = (batch["rewards"] + actor.reward_bias) * actor.reward_scaling
+    rewards = batch["rewards"].float()
+    if actor.overlong_buffer_tokens > 0:
+        rewards = rewards + overlong_penalty(batch["loss_mask"].sum(dim=1), max_new_tokens=cfg.gconfig.max_new_tokens,
+                                             buffer_tokens=actor.overlong_buffer_tokens, factor=actor.overlong_penalty)
+    rewards = (rewards + actor.reward_bias) * actor.reward_scaling
     if actor.group_reward_norm:
         adv = group_normalized_advantages(rewards, group_size=cfg.gconfig.n_samples, std_norm=actor.group_adv_std_norm)
     else:

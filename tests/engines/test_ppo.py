@@ -67,3 +67,23 @@ def test_decoupled_loss_weights_and_caps():
     assert out.masked_fraction.item() == pytest.approx(1 / 3)
     assert out.importance_weight_max.item() == pytest.approx(10.0)
     assert out.importance_weight_mean.item() == pytest.approx(13 / 3)
+
+
+def test_overlong_penalty_by_hand():
+    from engines.ppo import overlong_penalty
+
+    # Budget 10 tokens, buffer 4: free up to 6 tokens, then -1/4 per token down to -1 at 10.
+    lengths = torch.tensor([3, 6, 7, 8, 10])
+    penalty = overlong_penalty(lengths, max_new_tokens=10, buffer_tokens=4, factor=1.0)
+    assert penalty.tolist() == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert overlong_penalty(lengths, max_new_tokens=10, buffer_tokens=4, factor=0.5)[-1] == -0.5
+    with pytest.raises(ValueError):
+        overlong_penalty(lengths, max_new_tokens=10, buffer_tokens=0, factor=1.0)
+
+
+def test_has_reward_variance():
+    from workflows.rlvr import has_reward_variance
+
+    assert not has_reward_variance({"rewards": torch.tensor([0.0, 0.0, 0.0])})
+    assert not has_reward_variance({"rewards": torch.tensor([1.0, 1.0])})
+    assert has_reward_variance({"rewards": torch.tensor([0.0, 1.0, 0.0])})

@@ -147,3 +147,20 @@ def test_bf16_autocast_keeps_float32_weights_and_close_logprobs(tiny_model):
     stats = engine.train_batch(batch)
     assert stats.grad_norm > 0
     assert all(p.dtype is torch.float32 for p in twin.parameters())
+
+
+def test_dr_grpo_constant_normalisation_divides_by_the_generation_budget(tiny_model):
+    """Dr. GRPO (arXiv 2503.20783): loss = sum over tokens / (sequences x max_new_tokens)
+    instead of / trained tokens, so the same batch's loss scales by their ratio."""
+    batch = synthetic_batch()
+    twin = copy.deepcopy(tiny_model)
+    token = make_engine(tiny_model)
+    cfg = ActorConfig(optimizer=OptimizerConfig(lr=1e-2, weight_decay=0.0), loss_normalization="constant")
+    constant = TrainEngine(cfg, twin, total_steps=4, max_sequence_tokens=12, temperature=1.0, max_new_tokens=20)
+    batch["logprobs"] = token.compute_logp(batch)
+    a, b = token.train_batch(dict(batch)), constant.train_batch(dict(batch))
+    tokens = int(batch["loss_mask"].sum())
+    assert b.num_loss_tokens == 4 * 20
+    assert b.loss == pytest.approx(a.loss * tokens / (4 * 20), rel=1e-5)
+    with pytest.raises(ValueError, match="needs max_new_tokens"):
+        TrainEngine(cfg, copy.deepcopy(twin), total_steps=4, max_sequence_tokens=12, temperature=1.0)

@@ -582,3 +582,34 @@ def test_cancellations_and_staleness_expiries_are_not_failures(engine):
 def test_max_consecutive_rejections_must_be_positive(engine):
     with pytest.raises(ValueError, match="max_consecutive_rejections"):
         WorkflowExecutor(RolloutConfig(max_consecutive_rejections=0), engine, consumer_batch_size=2)
+
+
+# ---------------------------------------------------------------------- dynamic sampling
+
+
+def test_group_filter_drops_groups_and_keeps_generating_until_the_batch_is_full(engine):
+    """DAPO's dynamic sampling: filtered groups free their slot; the batch still fills."""
+    executor = make_executor(engine, batch=4, group_filter=lambda t: int(t["ids"][0]) % 2 == 0)
+    try:
+        dataloader = [[{"id": i} for i in range(start, start + 4)] for start in range(0, 64, 4)]
+        batch = executor.prepare_batch(dataloader, SyntheticWorkflow(), timeout=10)
+        ids = sorted(set(batch["ids"].tolist()))
+        assert len(ids) == 4 and all(i % 2 == 0 for i in ids)
+        assert executor.rejection_counts["filtered"] >= 3  # at least the odd ids among 0..6
+        assert executor.failure is None
+    finally:
+        executor.destroy()
+
+
+def test_a_long_run_of_filtered_groups_stops_with_its_own_error(engine):
+    config = RolloutConfig(max_concurrent_rollouts=4, max_consecutive_filtered=6, max_consecutive_rejections=2)
+    executor = WorkflowExecutor(config, engine, consumer_batch_size=2, group_filter=lambda t: False)
+    executor.initialize()
+    try:
+        dataloader = [[{"id": i}, {"id": i + 1}] for i in range(0, 40, 2)]
+        with pytest.raises(RolloutFailureError, match="had all-equal rewards and were dropped by dynamic sampling"):
+            executor.prepare_batch(dataloader, SyntheticWorkflow(), timeout=10)
+        # Filtered groups are not failures: 6 of them passed max_consecutive_rejections=2.
+        assert executor.rejection_counts["filtered"] >= 6 and "should_accept" not in executor.rejection_counts
+    finally:
+        executor.destroy()
