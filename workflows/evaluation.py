@@ -127,7 +127,9 @@ def run_evaluation(executor, inference, scorer, tokenizer, rows: list[dict], cfg
 
     coroutine = evaluate_rows(
         inference, scorer, tokenizer, rows, cfg.gconfig, n_samples=e.n_samples, pass_k=list(e.pass_k),
-        concurrency=cfg.rollout.max_concurrent_rollouts, seed=cfg.seed if cfg.actor.deterministic else None,
+        # Evaluation has no staleness bound: as many prompts at once as a generate batch holds.
+        concurrency=max(cfg.rollout.max_concurrent_rollouts, cfg.gconfig.max_batch_size),
+        seed=cfg.seed if cfg.actor.deterministic else None,
         on_prompt=advance,
     )
     try:
@@ -148,7 +150,7 @@ def evaluate_model(cfg) -> tuple[dict, Path]:
     from engines.model import load_model, load_tokenizer, resolve_model_dir
     from workflows.dataset import load_prompt_dataset
     from workflows.executor import WorkflowExecutor
-    from workflows.reward import RewardScorer
+    from workflows.reward import build_scorer
     from workflows.run import build_inference, close_inference
 
     run_dir = cfg.resolved_run_dir()
@@ -164,7 +166,7 @@ def evaluate_model(cfg) -> tuple[dict, Path]:
     inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, DistributedContext())
     scorer = executor = None
     try:
-        scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
+        scorer = build_scorer(cfg.rollout)
         executor = WorkflowExecutor(cfg.rollout, inference, consumer_batch_size=1)
         executor.initialize()
         progress = Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

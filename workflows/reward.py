@@ -21,6 +21,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -45,6 +46,38 @@ def math_verify_reward(completion: str, reference: str) -> float:
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def boxed_math_verify_reward(completion: str, reference: str) -> float:
+    """`math_verify_reward`, but only for an answer given in `\\boxed{}` as the prompt's
+    instruction asks (rollout.reward_format=boxed): an unboxed answer scores 0.0."""
+    if "\\boxed{" not in completion:
+        return 0.0
+    return math_verify_reward(completion, reference)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number_reward(completion: str, reference: str) -> float:
+    """1.0 when the last number written in `completion` equals `reference`
+    (rollout.reward_format=number). math-verify alone also accepts an expression that
+    evaluates to the answer, so on arithmetic tasks restating the question ("74 + 30 =")
+    would score; here only a number counts."""
+    found = _NUMBER.findall(completion)
+    if not found:
+        return 0.0
+    return math_verify_reward(found[-1].replace(",", ""), reference)
+
+
+# rollout.reward_format -> the reward function (top-level, so worker processes can import it)
+REWARD_FORMATS = {"any": math_verify_reward, "boxed": boxed_math_verify_reward, "number": final_number_reward}
+
+
+def build_scorer(rollout) -> "RewardScorer":
+    """The reward scorer of `rollout.*` (reward_format, reward_workers, reward_timeout)."""
+    return RewardScorer(num_workers=rollout.reward_workers, timeout=rollout.reward_timeout,
+                        reward_fn=REWARD_FORMATS[rollout.reward_format])
 
 
 def _init_worker() -> None:

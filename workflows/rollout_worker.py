@@ -42,7 +42,7 @@ from workflows.control_plane import sample_ref, samples_dir, store_path
 from workflows.dataset import PromptLoader, load_prompt_dataset
 from workflows.executor import WorkflowExecutor
 from workflows.metadata import StaleWriterError, sample_id_of
-from workflows.reward import RewardScorer
+from workflows.reward import build_scorer
 from workflows.rlvr import RLVRWorkflow, has_reward_variance
 from workflows.rollouts import TRAINER_PID_ENV, WORKER_ENV, weights_root
 from workflows.run import build_inference
@@ -120,7 +120,7 @@ def run_worker(cfg: ExperimentConfig, index: int, count: int, trainer_pid: Optio
                                          max_batch_size=cfg.gconfig.max_batch_size, shares_weights=False)
     else:
         inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, DistributedContext(rank=index))
-    scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
+    scorer = build_scorer(cfg.rollout)
     workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer,
                             seed=cfg.seed if cfg.actor.deterministic else None)
     executor = WorkflowExecutor(replace(cfg.rollout, consumer_batch_size=None), inference,

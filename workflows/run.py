@@ -38,7 +38,7 @@ from workflows.recover import (
     remove_stale_temporaries,
     truncate_records,
 )
-from workflows.reward import RewardScorer
+from workflows.reward import RewardScorer, build_scorer
 from workflows.rlvr import RLVRWorkflow, has_reward_variance
 from workflows.rollouts import ColocatedRollouts, DisaggregatedRollouts, RolloutWorkers, WorkerLauncher
 from workflows.stats import NullStatsLogger, StatsLogger
@@ -205,7 +205,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
                 max_head_offpolicyness=cfg.rollout.max_head_offpolicyness, total_steps=total_steps,
             )
         else:
-            scorer = RewardScorer(num_workers=cfg.rollout.reward_workers, timeout=cfg.rollout.reward_timeout)
+            scorer = build_scorer(cfg.rollout)
             sampling_seed = cfg.seed if cfg.actor.deterministic else None
             workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
             dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
