@@ -62,3 +62,18 @@ def test_errors_score_zero_and_pool_survives():
         assert s.stats.num_failed == 2 and s.stats.num_timeouts == 0
     finally:
         s.close()
+
+
+def test_reward_formats_close_the_restated_question_loophole():
+    """math-verify evaluates an expression: restating "74 + 30 =" scores 1.0 under `any`,
+    which a first arith_grpo run learned to exploit; `number` takes only a written number."""
+    from workflows.reward import boxed_math_verify_reward, final_number_reward, math_verify_reward
+
+    assert math_verify_reward("74 + 30 =", "104") == 1.0  # the loophole
+    assert final_number_reward("74 + 30 =", "104") == 0.0
+    assert final_number_reward("74 + 30 = 104.", "104") == 1.0
+    assert final_number_reward("59 - 68 = -9", "-9") == 1.0
+    assert final_number_reward("about 1,234 apples", "1234") == 1.0
+    assert final_number_reward("no digits here", "3") == 0.0
+    assert boxed_math_verify_reward("so 9", "9") == 0.0
+    assert boxed_math_verify_reward("so \\boxed{9}", "9") == 1.0
