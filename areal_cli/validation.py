@@ -125,6 +125,8 @@ RULES: tuple[Rule, ...] = (
     Rule("dataset.batch_size", at_least(1), "must be >= 1 (prompts per step)"),
     Rule("dataset.max_prompt_length", at_least(1), "must be >= 1 (tokens)"),
     Rule("dataset.max_eval_samples", at_least(1), "must be >= 1 (prompts per evaluation)"),
+    Rule("dataset.task_args", lambda v: hasattr(v, "keys") and all(isinstance(k, str) for k in v),
+         "must be a mapping of the reasoning-gym task's settings, e.g. {min_terms: 2}"),
     Rule("dataset.task_size", at_least(1), "must be >= 1 (problems generated per split)"),
     Rule("dataset.task_seed", at_least(0), "must be >= 0"),
     Rule("gconfig.n_samples", at_least(1), "must be >= 1 (completions per prompt, the GRPO group size)"),

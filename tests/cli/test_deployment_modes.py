@@ -77,6 +77,7 @@ def assert_trained_exactly_once(run_dir, records):
         store.close()
 
 
+@pytest.mark.slow  # about 75 s on 2 cores: over the default suite's budget
 def test_loss_curve_is_identical_across_deployment_modes(tmp_path, gsm8k_dir, reference):
     for mode, extra in (("dataflow_colocated", []), ("disaggregated", ["rollout.workers=2"])):
         run_dir = tmp_path / mode
