@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from engines.config import (
     ATTN_IMPLEMENTATIONS,
+    DEVICES,
     KL_ESTIMATORS,
     LOSS_NORMALIZATIONS,
     LR_SCHEDULERS,
@@ -120,6 +121,8 @@ RULES: tuple[Rule, ...] = (
          optional=True),
     Rule("model.dtype", one_of(MODEL_DTYPES), _choices(MODEL_DTYPES)),
     Rule("model.attn_implementation", one_of(ATTN_IMPLEMENTATIONS), _choices(ATTN_IMPLEMENTATIONS)),
+    # Not checked against this machine's GPUs: a cloud launch validates here and runs there.
+    Rule("model.device", one_of(DEVICES), _choices(DEVICES)),
     Rule("dataset.split", non_empty, "must name a split such as train"),
     Rule("dataset.eval_split", non_empty, "must name a split such as test"),
     Rule("dataset.batch_size", at_least(1), "must be >= 1 (prompts per step)"),

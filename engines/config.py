@@ -15,6 +15,8 @@ from typing import Any, Optional
 # against them and the factories build from them.
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# model.device: auto is cuda:<LOCAL_RANK> where CUDA is visible, else cpu.
+DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -46,6 +48,9 @@ class ModelConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     # attention implementation passed to transformers ("sdpa" or "eager").
     attn_implementation: str = "sdpa"
+    # Where the policy (and the in-process sampler's copy) lives: auto | cpu | cuda.
+    # cuda means this process's GPU, cuda:<LOCAL_RANK>, as `areal launch` and torchrun set it.
+    device: str = "auto"
 
 
 @dataclass

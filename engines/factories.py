@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engines.config import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, ActorConfig, OptimizerConfig
+from engines.config import DEVICES, LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, ActorConfig, OptimizerConfig
 
 
 def create_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -143,11 +143,27 @@ def resolve_mixed_precision(mode: str) -> Optional[torch.dtype]:
     return None
 
 
-def autocast(dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
-    """`torch.autocast` to `dtype` on this process's device, or nothing when None."""
+def resolve_device(name: str) -> torch.device:
+    """The device of `model.device`: `cuda:<LOCAL_RANK>` for cuda (and for auto where CUDA
+    is visible), else the CPU.
+
+    Raises:
+        ValueError: `name` is not one of `DEVICES`, or it is cuda and no GPU is visible.
+    """
+    if name not in DEVICES:
+        raise ValueError(f"model.device={name!r} is not supported; use one of {', '.join(DEVICES)}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("model.device=cuda but this process sees no CUDA device; set model.device=cpu or auto")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def autocast(dtype: Optional[torch.dtype], device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """`torch.autocast` to `dtype` for tensors on `device`, or nothing when None."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def setup_cpu_threads() -> int:

@@ -242,6 +242,7 @@ class LocalInferenceEngine:
         for i, r in enumerate(requests):  # left padding: every completion starts at max_len
             input_ids[i, max_len - len(r.input_ids) :] = torch.tensor(r.input_ids)
             attention_mask[i, max_len - len(r.input_ids) :] = 1
+        input_ids, attention_mask = input_ids.to(self.model.device), attention_mask.to(self.model.device)
         stop_ids = [self.eos_token_id, *first.stop_token_ids]
         recorder = SampledTokenLogprobs(first.temperature)
         was_training = self.model.training  # a shared policy is in train mode between steps
@@ -253,7 +254,9 @@ class LocalInferenceEngine:
         if self._destroyed.is_set():
             raise RuntimeError("LocalInferenceEngine was destroyed during generation")
         new_tokens = out[:, max_len:]  # [B, T]
-        logprobs = recorder.finish(new_tokens)  # [B, T] float32
+        # One copy to the host per batch, not one per row.
+        logprobs = recorder.finish(new_tokens).cpu()  # [B, T] float32
+        new_tokens = new_tokens.cpu()
         responses = []
         for i, r in enumerate(requests):
             tokens = new_tokens[i].tolist()
@@ -307,8 +310,9 @@ class LocalInferenceEngine:
         if input_ids.shape[1] < 2:
             return cache
         distinct, row_to_distinct = torch.unique(input_ids, dim=0, return_inverse=True)
-        first_row = torch.zeros(len(distinct), dtype=torch.long).scatter_reduce(
-            0, row_to_distinct, torch.arange(len(input_ids)), reduce="amin", include_self=False
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        first_row = torch.zeros(len(distinct), dtype=torch.long, device=input_ids.device).scatter_reduce(
+            0, row_to_distinct, rows, reduce="amin", include_self=False
         )
         ids, mask = input_ids[first_row, :-1], attention_mask[first_row, :-1]
         # The positions `generate` gives left-padded rows: count real tokens only.

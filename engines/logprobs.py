@@ -120,7 +120,7 @@ def token_logprobs(
     hidden = outputs.hidden_states[-1][:, :-1][mask]  # [N, D], after the final norm
     weight = _unwrap(model).get_output_embeddings().weight
     logp = selective_log_softmax(hidden, weight, input_ids[:, 1:][mask], temperature)
-    shifted = torch.zeros(B, L - 1, dtype=torch.float32).masked_scatter(mask, logp)
+    shifted = torch.zeros(B, L - 1, dtype=torch.float32, device=input_ids.device).masked_scatter(mask, logp)
     return torch.nn.functional.pad(shifted, (1, 0))
 
 
@@ -153,5 +153,5 @@ class SampledTokenLogprobs(LogitsProcessor):
         if self._last is not None:
             self._values.append(self._last.gather(-1, new_tokens[:, -1:]).squeeze(-1))
             self._last = None
-        values = torch.stack(self._values, dim=1) if self._values else torch.zeros(new_tokens.shape[0], 0)
+        values = torch.stack(self._values, dim=1) if self._values else torch.zeros(new_tokens.shape[0], 0, device=new_tokens.device)
         return values[:, : new_tokens.shape[1]]

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from engines.config import MODEL_DTYPES, ModelConfig
+from engines.factories import resolve_device
 from engines.hub import hub_reachable, refused_error, unreachable_error
 
 logger = logging.getLogger(__name__)
@@ -136,15 +137,21 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_model(cfg: ModelConfig, model_dir: Path, *, seed: int) -> PreTrainedModel:
-    """Load the policy (float weights on CPU), or build it randomly initialised.
+    """Load the policy, or build it randomly initialised, on `cfg.device`
+    (`engines.factories.resolve_device`).
 
     With `cfg.init_from_scratch`, the architecture of `model_dir` with
-    `cfg.config_overrides` applied is initialised from `seed`, so tests get a tiny model
-    with the real tokenizer.
+    `cfg.config_overrides` applied is initialised from `seed` (on the CPU, so a seed gives
+    the same weights on every device), so tests get a tiny model with the real tokenizer.
+
+    Raises:
+        ValueError: `model.device=cuda` without a visible GPU; an unknown config override.
     """
+    device = resolve_device(cfg.device)
     dtype = torch_dtype(cfg.dtype)
     if not cfg.init_from_scratch:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        return model.to(device)
     config = AutoConfig.from_pretrained(model_dir)
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
@@ -153,4 +160,4 @@ def load_model(cfg: ModelConfig, model_dir: Path, *, seed: int) -> PreTrainedMod
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
-    return model
+    return model.to(device)

@@ -153,7 +153,9 @@ def ppo_clipped_loss(
         stats = dict(
             clip_fraction=(clipped * kept).sum() / count,
             importance_weight_mean=masked_weights.sum() / count,
-            importance_weight_max=masked_weights.max() if mask.any() else torch.tensor(0.0),
+            # The weights are positive and 0 off the mask, so the plain max is the masked
+            # one (and 0 without trained tokens) with no host sync to ask `mask.any()`.
+            importance_weight_max=masked_weights.amax() if masked_weights.numel() else weight.new_zeros(()),
             masked_fraction=(mask - kept).sum() / count,
         )
     return PPOLossOutput(loss=loss, **stats)

@@ -121,7 +121,11 @@ class TrainEngine:
         self.world_size = dist_ctx.world_size
         # DDP runs everywhere (gloo on CPU); FSDP2 would shard what a 135M model does
         # not need sharded.
-        self.ddp = DistributedDataParallel(model) if self.world_size > 1 else None
+        # Every tensor of a step goes where the weights are (engines.model.load_model put
+        # them on `model.device`); batches arrive on the CPU and results go back there.
+        self.device = next(model.parameters()).device
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(model, device_ids=device_ids) if self.world_size > 1 else None
         self.engine_lock = (
             DistributedLock("engine-weights", store=dist_ctx.store, rank=dist_ctx.rank)
             if dist_ctx.store is not None
@@ -210,8 +214,9 @@ class TrainEngine:
     # -- computation ----------------------------------------------------------------------------
 
     def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-        """(row indices, micro-batch) pairs within the token budget; 2-D tensors are cut
-        to the micro-batch's longest sequence, or padded to `pad_to` with `pad_to_maximum`."""
+        """(row indices, micro-batch) pairs within the token budget, each micro-batch on the
+        engine's device; 2-D tensors are cut to the micro-batch's longest sequence, or
+        padded to `pad_to` with `pad_to_maximum`."""
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         # Longest first, so each micro-batch holds sequences of similar length and pads
         # little. With `pad_to_maximum` every row has the same width anyway and the batch
@@ -227,7 +232,7 @@ class TrainEngine:
                 v = v[idx]
                 if v.dim() == 2:
                     v = v[:, :width] if v.shape[1] >= width else torch.nn.functional.pad(v, (0, width - v.shape[1]))
-                mb[k] = v
+                mb[k] = v.to(self.device, non_blocking=True)
             out.append((idx, mb))
         return out
 
@@ -240,25 +245,26 @@ class TrainEngine:
         was_training = model.training
         model.eval()
         B, L = batch["input_ids"].shape
-        out = torch.zeros(B, L, dtype=torch.float32)
+        out = torch.zeros(B, L, dtype=torch.float32, device=self.device)
         # The same micro-batches (and shapes) as the training forward pass; only the
         # trained tokens are scored when the batch says which they are.
         keys = ("input_ids", "attention_mask", "loss_mask")
         tokens = {k: batch[k] for k in keys if k in batch}
         for idx, mb in self._micro_batches(tokens):
-            with autocast(self.autocast_dtype):
+            with autocast(self.autocast_dtype, self.device):
                 logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb.get("loss_mask"))
             width = min(L, logp.shape[1])
             out[idx, :width] = logp[:, :width]
         model.train(was_training)
-        return out
+        return out.cpu()
 
     def _micro_batch_loss(self, mb: dict[str, torch.Tensor], num_tokens: float):
         """Loss of one micro-batch, normalised by the minibatch's `num_tokens`; returns
-        (differentiable loss, PPO statistics, this micro-batch's share of the KL)."""
+        (differentiable loss, PPO statistics, this micro-batch's share of the KL as a
+        scalar tensor)."""
         cfg = self.cfg
         model = self.ddp if self.ddp is not None else self.model
-        with autocast(self.autocast_dtype):
+        with autocast(self.autocast_dtype, self.device):
             logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb["loss_mask"])
         use_prox = cfg.use_decoupled_loss and "prox_logp" in mb
         out = ppo_clipped_loss(
@@ -271,13 +277,13 @@ class TrainEngine:
             proximal_logprobs=mb["prox_logp"] if use_prox else None,
             behav_imp_weight_cap=cfg.behav_imp_weight_cap if use_prox else None,
         )
-        loss, kl_value = out.loss, 0.0
+        loss, kl_value = out.loss, torch.zeros((), device=self.device)
         if cfg.kl_ctl > 0:
             # GRPO puts the KL term in the loss rather than in the reward
             # (DeepSeekMath, arXiv 2402.03300, eq. 3).
             kl = masked_mean(kl_penalty(logp, mb["ref_logp"], cfg.kl_estimator), mb["loss_mask"], num_tokens)
             loss = loss + cfg.kl_ctl * kl
-            kl_value = kl.item()
+            kl_value = kl.detach()
         return loss, out, kl_value
 
     def train_batch(self, batch: dict[str, torch.Tensor]) -> TrainStats:
@@ -341,11 +347,15 @@ class TrainEngine:
         if self.world_size > 1:
             # Normalise by the token count of the whole global minibatch so that the
             # all-reduced gradient equals the single-process one.
-            total = torch.tensor(num_tokens)
+            total = torch.tensor(num_tokens, device=self.device)
             dist.all_reduce(total)
             num_tokens = float(total)
-        totals = dict(loss=0.0, clip_fraction=0.0, importance_weight_mean=0.0, masked_fraction=0.0, kl=0.0)
-        weight_max = 0.0
+        # Running sums stay on the device and are read once after the loop: reading one
+        # per micro-batch (`.item()`) would make the host wait for the GPU each time.
+        # float64, as the Python floats they replace. Order: loss, kl, clip fraction,
+        # importance weight mean, masked fraction (the last three token-weighted).
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        weight_max = torch.zeros((), device=self.device)
         mini = self._rows_with_gradient(mini)
         local_tokens = float(mini["loss_mask"].sum())
         micro_batches = [mb for _, mb in self._micro_batches(mini)] if len(mini["input_ids"]) else []
@@ -364,18 +374,13 @@ class TrainEngine:
                 # The loss is already divided by the global token count, so the gradient
                 # we want is the sum over ranks; DDP averages, hence the factor.
                 (loss * self.world_size).backward()
-            totals["loss"] += loss.item()
-            totals["kl"] += kl
-            mb_tokens = float(mb["loss_mask"].sum())
-            share = mb_tokens / max(local_tokens, 1.0)
-            totals["clip_fraction"] += float(out.clip_fraction) * share
-            totals["importance_weight_mean"] += float(out.importance_weight_mean) * share
-            totals["masked_fraction"] += float(out.masked_fraction) * share
-            weight_max = max(weight_max, float(out.importance_weight_max))
+            share = mb["loss_mask"].sum().double() / max(local_tokens, 1.0)
+            stats = (out.clip_fraction, out.importance_weight_mean, out.masked_fraction)
+            sums += torch.stack([loss.detach().double(), kl.double(), *(v.double() * share for v in stats)])
+            weight_max = torch.maximum(weight_max, out.importance_weight_max.float())
         if self.world_size > 1:
-            summed = torch.tensor([totals["loss"], totals["kl"]], dtype=torch.float64)
-            dist.all_reduce(summed)
-            totals["loss"], totals["kl"] = summed.tolist()
+            dist.all_reduce(sums[:2])  # loss and KL are sums over ranks; the rest stay local
+        loss_sum, kl_sum, clip_fraction, weight_mean, masked_fraction = sums.tolist()
         max_norm = cfg.optimizer.gradient_clipping if cfg.optimizer.gradient_clipping > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
@@ -384,13 +389,13 @@ class TrainEngine:
         lr = self.optimizer.param_groups[0]["lr"]
         self.lr_scheduler.step()
         return TrainStats(
-            loss=totals["loss"],
+            loss=loss_sum,
             grad_norm=grad_norm,
             lr=lr,
-            clip_fraction=totals["clip_fraction"],
-            importance_weight_mean=totals["importance_weight_mean"],
-            importance_weight_max=weight_max,
-            masked_fraction=totals["masked_fraction"],
-            kl=totals["kl"],
+            clip_fraction=clip_fraction,
+            importance_weight_mean=weight_mean,
+            importance_weight_max=float(weight_max),
+            masked_fraction=masked_fraction,
+            kl=kl_sum,
             num_loss_tokens=int(num_tokens),
         )

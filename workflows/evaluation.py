@@ -146,19 +146,14 @@ def evaluate_model(cfg) -> tuple[dict, Path]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from engines.distributed import DistributedContext
-    from engines.factories import setup_cpu_threads, setup_deterministic_mode, setup_malloc
-    from engines.model import load_model, load_tokenizer, resolve_model_dir
+    from engines.model import load_model
     from workflows.dataset import load_prompt_dataset
     from workflows.executor import WorkflowExecutor
     from workflows.reward import build_scorer
-    from workflows.run import build_inference, close_inference
+    from workflows.run import build_inference, close_inference, prepare_process
 
     run_dir = cfg.resolved_run_dir()
-    setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
-    setup_cpu_threads()
-    setup_malloc()
-    model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
-    tokenizer = load_tokenizer(model_dir)
+    model_dir, tokenizer = prepare_process(cfg)
     rows, _ = held_out_rows(load_prompt_dataset(cfg.dataset, tokenizer, split=cfg.dataset.eval_split).rows,
                             load_prompt_dataset(cfg.dataset, tokenizer).rows)
     rows = rows[: cfg.dataset.max_eval_samples]

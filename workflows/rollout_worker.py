@@ -34,9 +34,8 @@ from typing import Iterator, Optional
 
 from areal_cli.config import ExperimentConfig, from_yaml
 from engines.distributed import DistributedContext
-from engines.factories import setup_cpu_threads, setup_deterministic_mode, setup_malloc
 from engines.inference import LocalInferenceEngine
-from engines.model import load_model, load_tokenizer, resolve_model_dir
+from engines.model import load_model
 from engines.weights import latest_version, load_published
 from workflows.control_plane import sample_ref, samples_dir, store_path
 from workflows.dataset import PromptLoader, load_prompt_dataset
@@ -45,7 +44,7 @@ from workflows.metadata import StaleWriterError, sample_id_of
 from workflows.reward import build_scorer
 from workflows.rlvr import RLVRWorkflow, has_reward_variance
 from workflows.rollouts import TRAINER_PID_ENV, WORKER_ENV, weights_root
-from workflows.run import build_inference
+from workflows.run import build_inference, prepare_process
 from workflows.samples import write_sample
 from workflows.sqlite_store import SQLiteMetadataStore
 
@@ -97,11 +96,7 @@ def run_worker(cfg: ExperimentConfig, index: int, count: int, trainer_pid: Optio
             `rollout.worker_restarts` times).
     """
     run_dir = cfg.resolved_run_dir()
-    setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
-    setup_cpu_threads()
-    setup_malloc()
-    model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
-    tokenizer = load_tokenizer(model_dir)
+    model_dir, tokenizer = prepare_process(cfg)
     loader = PromptLoader(load_prompt_dataset(cfg.dataset, tokenizer), batch_size=cfg.dataset.batch_size,
                           shuffle=cfg.dataset.shuffle, seed=cfg.seed, rank=index, world_size=count)
     store = SQLiteMetadataStore(store_path(run_dir))

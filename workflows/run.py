@@ -136,6 +136,17 @@ def build_stats_logger(cfg: ExperimentConfig, run_dir: Path) -> StatsLogger:
                        print_every=s.print_every if "console" in s.backends else 0, trackers=trackers)
 
 
+def prepare_process(cfg: ExperimentConfig) -> tuple[Path, object]:
+    """What every process that holds a model sets up first (the trainer, `areal eval`, a
+    rollout worker): seeds and deterministic kernels, torch's threads, the allocator;
+    then the model directory (downloaded or converted once) and its tokenizer."""
+    setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
+    setup_cpu_threads()
+    setup_malloc()
+    model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    return model_dir, load_tokenizer(model_dir)
+
+
 def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launcher: Optional[WorkerLauncher] = None) -> Run:
     """Model, data, sampler, trainer, reward and rollout controller, from config; with
     `deployment_mode=disaggregated` the rollout side is `rollout.workers` processes
@@ -152,12 +163,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
         stats_logger = build_stats_logger(cfg, run_dir)
     else:
         stats_logger = NullStatsLogger()
-    setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
-    setup_cpu_threads()
-    setup_malloc()
-
-    model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
-    tokenizer = load_tokenizer(model_dir)
+    model_dir, tokenizer = prepare_process(cfg)
     train_data = load_prompt_dataset(cfg.dataset, tokenizer)
     stats_logger.info(f"data: {train_data.report()}")
     loader = PromptLoader(

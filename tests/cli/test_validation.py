@@ -22,6 +22,7 @@ BAD_VALUES = [
     ("actor.kl_estimator=k4", "k1, k2, k3"),
     ("model.dtype=float8", "float32"),
     ("model.attn_implementation=fast", "sdpa"),
+    ("model.device=tpu", "must be one of auto, cpu, cuda"),
     ("rollout.max_head_offpolicyness=-1", ">= 0"),
     ("rollout.consumer_batch_size=0", ">= 1"),
     ("rollout.max_concurrent_rollouts=0", ">= 1"),
