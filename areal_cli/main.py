@@ -50,6 +50,7 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
             cfg = resolve_or_exit(words)
             from engines.hub import HubError
             from workflows.executor import RolloutFailureError
+            from workflows.recover import CheckpointWriteError, CorruptCheckpointError
             from workflows.trainer import run_training  # heavy imports only when training
 
             launcher = None
@@ -59,7 +60,9 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
                 launcher = ExecutorWorkerLauncher(cfg.resolved_run_dir())
             try:
                 run_training(cfg, launcher)
-            except RolloutFailureError as exc:  # rollouts kept failing; nothing was saved
+            # Rollouts kept failing, a checkpoint could not be written (disk full), or the
+            # one to resume from is damaged: one line naming the cause; nothing is lost.
+            except (RolloutFailureError, CheckpointWriteError, CorruptCheckpointError) as exc:
                 err.print(f"error: {exc}", markup=False, highlight=False)
                 raise typer.Exit(code=1) from None
             except HubError as exc:  # a hub id not served, or unreachable with no offline copy: exit 2

@@ -6,14 +6,24 @@ Layout (`<run_dir>/checkpoints/recover/`, written only by rank 0):
     model/           the policy, Hugging Face format (config + safetensors), `engine.save`
     optimizer.pt     optimizer and LR-scheduler state dicts, policy version
     rng.pt           python, numpy, torch CPU (and CUDA) RNG states of rank 0
-    meta.json        step, total_steps, stats records written, data position; written
-                     last: a directory without a readable meta.json is not a checkpoint
+    meta.json        step, total_steps, stats records written, data position, and the
+                     size and SHA-256 of every other file; written last: a directory
+                     without a readable meta.json is not a checkpoint
 
 Atomicity: a checkpoint is assembled in `checkpoints/.recover.tmp-<pid>/`, every file is
 fsynced, and then it replaces `recover/` by two renames (`recover` -> `recover.old`,
 tmp -> `recover`) before `recover.old` is deleted. A crash at any point leaves either
 `recover/` or `recover.old/` complete; `find_recover_checkpoint` takes `recover/` when it
 is complete and `recover.old/` otherwise, so a half-written checkpoint is never "latest".
+A write that fails (a full disk, an I/O error) deletes its temporary directory and raises
+`CheckpointWriteError` naming the path; the previous checkpoint stays as it was.
+
+Integrity: a file that changed after it was written (truncated, a flipped byte) no longer
+matches the size or digest in meta.json, and loading refuses the checkpoint, naming the
+file, rather than resuming from wrong weights or a wrong optimizer state. A `recover/`
+directory that exists but is not a checkpoint (no readable meta.json, a file missing) is
+refused too, when no complete `recover.old/` can stand in: starting again from step 0
+would silently discard the run's progress (`trainer.resume=false` does that on purpose).
 
 Why no prompt is trained twice or dropped. The data position is the set of prompts whose
 gradient is in the saved weights: after each optimizer step the trainer adds the
@@ -48,18 +58,20 @@ right after step N's stats record is written and before its checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +79,16 @@ RECOVER_NAME = "recover"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 FAULT_ENV = "AREAL_FAULT_AFTER_STEP"
+_HASH_BLOCK = 8 << 20  # bytes read at a time while hashing
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, I/O error); the message names the path.
+    Nothing of the failed write is left, and the previous checkpoint is untouched."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A recover checkpoint exists but cannot be trusted; the message names the file."""
 
 
 @dataclass
@@ -95,6 +117,8 @@ class RecoverInfo:
     store_acked: Optional[int] = None
     format: int = FORMAT_VERSION
     written_at: float = 0.0
+    # relative path -> [bytes, sha256 hex] of every other file (`file_manifest`).
+    files: dict = field(default_factory=dict)
 
 
 # -- atomic directories -------------------------------------------------------------------------
@@ -151,8 +175,9 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(checkpoints_dir: Path) -> None:
-    """Delete `.recover.tmp-*` directories left by writes that a crash interrupted."""
-    for path in Path(checkpoints_dir).glob(f".{RECOVER_NAME}.tmp-*"):
+    """Delete the `.<name>.tmp-*` directories of `atomic_directory` writes that a crash
+    interrupted (recover and step checkpoints alike)."""
+    for path in Path(checkpoints_dir).glob(".*.tmp-*"):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -177,11 +202,44 @@ def read_recover_info(path: Path) -> RecoverInfo:
     return info
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_manifest(root: Path) -> dict[str, list]:
+    """{path relative to `root`: [size in bytes, SHA-256 hex]} of every file under `root`."""
+    root = Path(root)
+    return {str(p.relative_to(root)): [p.stat().st_size, _sha256(p)] for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def check_files(path: Path, info: RecoverInfo, *, digests: bool) -> None:
+    """Compare the checkpoint's files with its manifest: sizes always, SHA-256 digests
+    when `digests` (reading every byte: about a second per GB).
+
+    Raises:
+        CorruptCheckpointError: a file is missing, has another size or another digest.
+    """
+    for name, (size, digest) in info.files.items():
+        file = Path(path) / name
+        if not file.is_file():
+            raise CorruptCheckpointError(f"recover checkpoint {path}: {name} is missing")
+        if file.stat().st_size != size:
+            raise CorruptCheckpointError(
+                f"recover checkpoint {path}: {name} has {file.stat().st_size} bytes, {size} were written (truncated?)")
+        if digests and _sha256(file) != digest:
+            raise CorruptCheckpointError(f"recover checkpoint {path}: {name} does not match its SHA-256 (corrupted)")
+
+
 def is_complete(path: Path) -> bool:
-    """Whether `path` holds a readable recover checkpoint (meta.json, weights, optimizer, RNG)."""
+    """Whether `path` holds a readable recover checkpoint (meta.json, weights, optimizer,
+    RNG, each file of the size meta.json lists)."""
     path = Path(path)
     try:
-        read_recover_info(path)
+        check_files(path, read_recover_info(path), digests=False)
     except (OSError, ValueError):
         return False
     return (
@@ -193,11 +251,26 @@ def is_complete(path: Path) -> bool:
 
 def find_recover_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
     """The complete recover checkpoint under `checkpoints_dir`: `recover/`, else
-    `recover.old/` (left by a crash in the middle of `atomic_directory`'s swap), else None."""
+    `recover.old/` (left by a crash in the middle of `atomic_directory`'s swap), else None.
+
+    Raises:
+        CorruptCheckpointError: `recover/` exists but is incomplete and there is no
+            complete `recover.old/` (see the module docstring).
+    """
     for name in (RECOVER_NAME, f"{RECOVER_NAME}.old"):
         candidate = Path(checkpoints_dir) / name
         if is_complete(candidate):
             return candidate
+    latest = Path(checkpoints_dir) / RECOVER_NAME
+    if latest.exists():
+        try:
+            check_files(latest, read_recover_info(latest), digests=False)
+            problem = "weights, optimizer or RNG state missing"
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        raise CorruptCheckpointError(
+            f"recover checkpoint {latest} is not usable ({problem}); move it away to start from step 0, "
+            f"or set trainer.resume=false")
     return None
 
 
@@ -239,13 +312,41 @@ def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo) ->
     """
     final = Path(checkpoints_dir) / RECOVER_NAME
     info.written_at = time.time()
-    with atomic_directory(final) as tmp:
+
+    def write(tmp: Path) -> None:
         engine.save(tmp / "model")
         engine.save_optimizer_state(tmp / "optimizer.pt")
         torch.save(capture_rng_state(), tmp / "rng.pt")
+        info.files = file_manifest(tmp)
         # Last: its presence is what makes the directory a checkpoint.
         (tmp / META_FILE).write_text(json.dumps(asdict(info), indent=1))
+
+    write_atomically(final, write, what="recover checkpoint")
     return final
+
+
+def save_checkpoint(engine, path: Path, tokenizer=None) -> Path:
+    """`engine.save(path, tokenizer)` (a Hugging Face model directory), atomically: a full
+    disk leaves no half-written `path` that `areal eval` or a user would load.
+
+    Raises:
+        CheckpointWriteError: the write failed; the message names `path`.
+    """
+    write_atomically(Path(path), lambda tmp: engine.save(tmp, tokenizer), what="checkpoint")
+    return Path(path)
+
+
+def write_atomically(final: Path, write, *, what: str) -> None:
+    """`write(tmp)` inside `atomic_directory(final)`, with an I/O failure reported as
+    `CheckpointWriteError` naming `final` (the previous `final`, if any, stays intact).
+    torch's writer reports the OS error of a short write as a RuntimeError, safetensors'
+    as a SafetensorError; both count as I/O failures."""
+    try:
+        with atomic_directory(final) as tmp:
+            write(tmp)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        kept = " (the previous one is intact)" if Path(final).exists() else ""
+        raise CheckpointWriteError(f"writing the {what} {final} failed{kept}: {exc}") from exc
 
 
 def load_recover_checkpoint(path: Path, engine, inference) -> RecoverInfo:
@@ -254,11 +355,13 @@ def load_recover_checkpoint(path: Path, engine, inference) -> RecoverInfo:
     `load_rng_state`: restore them just before the first step).
 
     Raises:
+        CorruptCheckpointError: a file differs from what was written (size or SHA-256).
         FileNotFoundError, ValueError: an incomplete checkpoint, or one that does not fit
             this model or optimizer.
     """
     path = Path(path)
     info = read_recover_info(path)
+    check_files(path, info, digests=True)
     engine.load(path / "model")
     version = engine.load_optimizer_state(path / "optimizer.pt")
     if version != info.step:

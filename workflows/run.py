@@ -31,6 +31,7 @@ from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
 from workflows.evaluation import held_out_rows
 from workflows.executor import WorkflowExecutor
 from workflows.recover import (
+    CorruptCheckpointError,
     drop_trajectory_dumps,
     find_recover_checkpoint,
     load_recover_checkpoint,
@@ -48,11 +49,9 @@ logger = logging.getLogger(__name__)
 
 def last_recover_step(run_dir: Path) -> Optional[int]:
     """The step of the complete recover checkpoint in `run_dir`, or None."""
-    found = find_recover_checkpoint(Path(run_dir) / "checkpoints")
-    if found is None:
-        return None
     try:
-        return read_recover_info(found).step
+        found = find_recover_checkpoint(Path(run_dir) / "checkpoints")
+        return read_recover_info(found).step if found is not None else None
     except (OSError, ValueError):
         return None
 
@@ -60,7 +59,13 @@ def last_recover_step(run_dir: Path) -> Optional[int]:
 def find_resume_point(cfg: ExperimentConfig, run_dir: Path, dist_ctx: DistributedContext, say) -> Optional[Path]:
     """The recover checkpoint to continue from (None: start at step 0), agreed by all ranks."""
     checkpoints = run_dir / "checkpoints"
-    found = find_recover_checkpoint(checkpoints)
+    try:
+        found = find_recover_checkpoint(checkpoints)
+    except CorruptCheckpointError as exc:
+        if cfg.trainer.resume:
+            raise
+        say(f"trainer.resume=false: ignoring {exc}")
+        found = None
     if found is not None and not cfg.trainer.resume:
         say(f"trainer.resume=false: ignoring the recover checkpoint at step {read_recover_info(found).step} "
             f"({found.relative_to(run_dir)}); starting from step 0")

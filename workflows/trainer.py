@@ -65,6 +65,7 @@ from workflows.recover import (
     RecoverInfo,
     inject_fault_after,
     load_rng_state,
+    save_checkpoint,
     save_recover_checkpoint,
 )
 from workflows.rollouts import WorkerLauncher
@@ -269,7 +270,7 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
                 inject_fault_after(step)
                 save_due = cfg.trainer.save_freq_steps > 0 and step % cfg.trainer.save_freq_steps == 0
                 if save_due and step < total_steps and dist_ctx.is_main:
-                    engine.save(run.checkpoints / f"step_{step}", run.tokenizer)
+                    save_checkpoint(engine, run.checkpoints / f"step_{step}", run.tokenizer)
                 if recover_due(cfg, step, total_steps) and dist_ctx.is_main:
                     info = RecoverInfo(
                         step=step,
@@ -287,7 +288,7 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
         stats_logger.info(f"the recover checkpoint is at step {position.step} >= trainer.total_steps={total_steps}; nothing to train")
     with deferred_stop():
         if dist_ctx.is_main and (position.step < total_steps or not final.exists()):
-            engine.save(final, run.tokenizer)
+            save_checkpoint(engine, final, run.tokenizer)
     stats_logger.info(f"done: {total_steps} steps; checkpoint {final}; stats {stats_logger.path}")
 
 

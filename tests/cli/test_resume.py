@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from tests.cli.test_train_smoke import SIGNAL
 from tests.conftest import REPO, areal_cli, cli_env
+from workflows.recover import read_recover_info
 from workflows.stats import read_stats
 
 
@@ -149,3 +150,20 @@ def test_async_crash_trains_every_prompt_once(tmp_path, gsm8k_dir):
     assert dumps == list(range(total))
     for v in dumps:
         assert num_records(tmp_path / "trajectories" / f"{v}.jsonl") == batch * 2, v  # 2 samples per prompt
+
+
+def test_a_damaged_recover_checkpoint_stops_the_restart_with_one_line(tmp_path, gsm8k_dir):
+    run_dir = tmp_path / "run"
+    train(run_dir, gsm8k_dir, "trainer.total_steps=2", "trainer.recover_freq_steps=1")
+    weights = next((run_dir / "checkpoints" / "recover" / "model").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights: same size
+    weights.write_bytes(bytes(data))
+    result = train(run_dir, gsm8k_dir, "trainer.total_steps=3", expect_rc=1)
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "model/model.safetensors does not match its SHA-256" in line, result.stderr[-2000:]
+    assert len(read_stats(run_dir / "stats.jsonl")) == 2  # nothing was rolled back or retrained
+    # The user's way out: start afresh on purpose.
+    train(run_dir, gsm8k_dir, "trainer.total_steps=1", "trainer.resume=false")
+    assert len(read_stats(run_dir / "stats.jsonl")) == 1
+    assert read_recover_info(run_dir / "checkpoints" / "recover").step == 1
