@@ -26,7 +26,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from pebble import ProcessPool
+from pebble import ProcessExpired, ProcessPool
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ def _started(*_: object) -> bool:
 @dataclass
 class RewardStats:
     num_scored: int = 0
-    num_failed: int = 0  # timeouts and errors, each scored 0.0
+    num_failed: int = 0  # timeouts, errors and crashed workers, each scored 0.0
     num_timeouts: int = 0
+    num_crashes: int = 0  # the worker process died (os._exit, a signal): pebble starts another
 
 
 class RewardScorer:
@@ -148,7 +149,14 @@ class RewardScorer:
 
     async def ascore(self, completion: str, reference: str) -> float:
         future = self._schedule(completion, reference)
-        await asyncio.wait([asyncio.wrap_future(future)])
+        try:
+            await asyncio.wrap_future(future)
+        except Exception:  # noqa: BLE001 - `_settle` classifies it
+            # Awaited, the asyncio future's exception counts as retrieved: left unretrieved,
+            # its finaliser logs from inside whatever the garbage collector interrupts,
+            # which in CPython 3.11 can be `compile` (SystemError: AST constructor
+            # recursion depth mismatch) after a worker died.
+            pass
         return self._settle(future)
 
     def _schedule(self, completion: str, reference: str) -> concurrent.futures.Future:
@@ -159,14 +167,18 @@ class RewardScorer:
             return self._record(float(future.result()), failed=False)
         except concurrent.futures.TimeoutError:
             return self._record(0.0, failed=True, timeout=True, reason=f"timed out after {self.timeout}s")
+        except ProcessExpired as exc:
+            return self._record(0.0, failed=True, crashed=True, reason=f"the worker process died ({exc})")
         except Exception as exc:  # noqa: BLE001 - any failure of the scorer scores 0
             return self._record(0.0, failed=True, reason=repr(exc))
 
-    def _record(self, value: float, *, failed: bool, timeout: bool = False, reason: str = "") -> float:
+    def _record(self, value: float, *, failed: bool, timeout: bool = False, crashed: bool = False,
+                reason: str = "") -> float:
         with self._lock:
             self.stats.num_scored += 1
             self.stats.num_failed += failed
             self.stats.num_timeouts += timeout
+            self.stats.num_crashes += crashed
         if failed:
             logger.warning("reward scored 0.0: %s", reason)
         return value

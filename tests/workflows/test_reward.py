@@ -77,3 +77,60 @@ def test_reward_formats_close_the_restated_question_loophole():
     assert final_number_reward("no digits here", "3") == 0.0
     assert boxed_math_verify_reward("so 9", "9") == 0.0
     assert boxed_math_verify_reward("so \\boxed{9}", "9") == 1.0
+
+
+def faulty_reward(completion: str, reference: str) -> float:
+    """A reward function that misbehaves as `completion` says: hangs, exits its process,
+    segfaults, or scores normally (math-verify)."""
+    import ctypes
+    import os
+
+    if completion == "hang":
+        time.sleep(3600)
+    if completion == "exit":
+        os._exit(3)
+    if completion == "segfault":
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    from workflows.reward import math_verify_reward
+
+    return math_verify_reward(completion, reference)
+
+
+def worker_pid(completion: str, reference: str) -> int:
+    import os
+
+    return os.getpid()
+
+
+@pytest.mark.parametrize("fault", ["hang", "exit", "segfault"])
+def test_a_reward_worker_that_hangs_or_dies_is_replaced_and_the_scoring_goes_on(fault):
+    s = RewardScorer(num_workers=1, timeout=2.0, reward_fn=faulty_reward)
+    try:
+        before = s._pool.schedule(worker_pid, args=("", "")).result()
+        start = time.monotonic()
+        assert s.score(fault, "1") == 0.0
+        assert time.monotonic() - start < 15  # the hang is cut at the timeout
+        assert s.stats.num_failed == 1 and s.stats.num_timeouts == (1 if fault == "hang" else 0)
+        assert s.stats.num_crashes == (0 if fault == "hang" else 1)
+        # The pool started a new worker, which scores the next completion correctly.
+        assert s.score("\\boxed{1}", "1") == 1.0
+        assert s._pool.schedule(worker_pid, args=("", "")).result() != before
+        assert s.stats.num_scored == 2 and s.stats.num_failed == 1
+    finally:
+        s.close()
+
+
+def test_many_faults_among_good_completions_are_each_counted_once():
+    # One worker: every fault is followed by a good completion on its replacement, so no
+    # replacement is still starting when the pool closes.
+    s = RewardScorer(num_workers=1, timeout=2.0, reward_fn=faulty_reward)
+
+    async def go():
+        completions = ["\\boxed{1}", "exit", "\\boxed{2}", "segfault", "\\boxed{1}", "hang", "\\boxed{1}"]
+        return await asyncio.gather(*(s.ascore(c, "1") for c in completions))
+
+    try:
+        assert asyncio.run(go()) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+        assert (s.stats.num_scored, s.stats.num_failed, s.stats.num_crashes, s.stats.num_timeouts) == (7, 3, 2, 1)
+    finally:
+        s.close()
