@@ -147,6 +147,8 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.reward_workers", at_least(1), "must be >= 1 (processes)"),
     Rule("rollout.reward_format", one_of(REWARD_FORMATS), _choices(REWARD_FORMATS)),
     Rule("rollout.max_consecutive_rejections", at_least(1), "must be >= 1 (rollouts rejected in a row before the run stops)"),
+    Rule("rollout.max_failure_rate", within(0, 1, low_open=True), "must be in (0, 1] (a share of finished rollouts)"),
+    Rule("rollout.failure_rate_window", at_least(1), "must be >= 1 (finished rollouts)"),
     Rule("rollout.max_consecutive_filtered", at_least(1), "must be >= 1 (groups dropped in a row by dynamic sampling)"),
     Rule("rollout.backend", one_of(ROLLOUT_BACKENDS), _choices(ROLLOUT_BACKENDS)),
     Rule("rollout.servers", server_list, "must be a number of servers >= 1 or a list of host:port addresses"),

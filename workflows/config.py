@@ -64,6 +64,12 @@ class RolloutConfig:
     # rejected (raised, returned None, or failed should_accept) with none accepted in
     # between; staleness expiries and cancellations do not count. >= 1.
     max_consecutive_rejections: int = 64
+    # Also stop once more than this share of the last `failure_rate_window` finished
+    # rollouts failed (the same reasons as above), even with accepted ones in between: a
+    # backend failing on a fraction of its requests would otherwise keep the run going on
+    # batches assembled from the prompts that happened to succeed. In (0, 1]; 1 never trips.
+    max_failure_rate: float = 0.5
+    failure_rate_window: int = 256  # finished rollouts (accepted or failed); >= 1
     # actor.dynamic_sampling: stop with an error once this many prompt groups in a row had
     # all-equal rewards (nothing to learn from), rather than generate forever. >= 1.
     max_consecutive_filtered: int = 1024

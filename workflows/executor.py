@@ -78,10 +78,15 @@ class RolloutFailureError(RuntimeError):
         context: appended to the message when set (the trainer says where the run stopped).
     """
 
-    def __init__(self, count: int, reasons: dict[str, int], last_error: str | None) -> None:
+    def __init__(self, count: int, reasons: dict[str, int], last_error: str | None, window: int | None = None,
+                 max_rate: float | None = None) -> None:
         self.count = count
         self.reasons = dict(reasons)
         self.last_error = last_error
+        # Set when the failure rate tripped rather than a streak: `count` of the last
+        # `window` finished rollouts failed, more than `max_rate` of them.
+        self.window = window
+        self.max_rate = max_rate
         self.context: str | None = None
         super().__init__(count, self.reasons, last_error)
 
@@ -92,10 +97,16 @@ class RolloutFailureError(RuntimeError):
                        "raise rollout.max_consecutive_filtered, or set actor.dynamic_sampling=false")
             return message + (f"; {self.context}" if self.context else "")
         reasons = ", ".join(f"{n} {FAILURE_REASONS.get(r, r)}" for r, n in sorted(self.reasons.items(), key=lambda x: -x[1]))
-        message = f"{self.count} rollouts in a row were rejected and none accepted ({reasons})"
+        if self.window is not None:
+            message = (f"{self.count} of the last {self.window} rollouts failed ({reasons}), more than "
+                       f"rollout.max_failure_rate={self.max_rate:g} of them")
+            limit = "rollout.max_failure_rate"
+        else:
+            message = f"{self.count} rollouts in a row were rejected and none accepted ({reasons})"
+            limit = "rollout.max_consecutive_rejections"
         if self.last_error:
             message += f"; last error: {self.last_error}"
-        message += "; fix the cause, or raise rollout.max_consecutive_rejections if so many rejections are expected"
+        message += f"; fix the cause, or raise {limit} if so many rejections are expected"
         return message + (f"; {self.context}" if self.context else "")
 
 
@@ -173,6 +184,9 @@ class WorkflowExecutor:
             raise ValueError(f"rollout.queue_size must be >= 1, got {config.queue_size}")
         if config.max_consecutive_rejections < 1:
             raise ValueError(f"rollout.max_consecutive_rejections must be >= 1, got {config.max_consecutive_rejections}")
+        if not 0 < config.max_failure_rate <= 1 or config.failure_rate_window < 1:
+            raise ValueError("rollout.max_failure_rate must be in (0, 1] and rollout.failure_rate_window >= 1, got "
+                             f"{config.max_failure_rate} and {config.failure_rate_window}")
         self.config = config
         self.inference_engine = inference_engine
         self.consumer_batch_size: int = (
@@ -200,6 +214,10 @@ class WorkflowExecutor:
         self._streak: Counter[str] = Counter()
         self._streak_error: str | None = None
         self._failure: RolloutFailureError | None = None
+        # Outcomes of the last `failure_rate_window` finished rollouts: a failure reason,
+        # or None for an accepted one (runner thread, under _lock).
+        self._outcomes: deque[str | None] = deque(maxlen=config.failure_rate_window)
+        self._last_error: str | None = None  # of any failed rollout, kept across accepted ones
         self._paused = False
         self._destroyed = False
         self._runner: AsyncTaskRunner | None = None
@@ -324,11 +342,24 @@ class WorkflowExecutor:
                 return  # expired, cancelled: not the rollout's failure
             self._streak[reason] += 1
             if error is not None:
-                self._streak_error = last_line(error)
+                self._streak_error = self._last_error = last_line(error)
             count = sum(self._streak.values())
             if self._failure is None and count >= self.config.max_consecutive_rejections:
                 self._failure = RolloutFailureError(count, dict(self._streak), self._streak_error)
                 logger.warning("%d rollouts in a row were rejected: starting no more", count)
+            self._record_outcome(reason)
+
+    def _record_outcome(self, reason: str | None) -> None:
+        """Add a finished rollout (a failure reason, or None: accepted) to the failure-rate
+        window; trip `rollout.max_failure_rate` once the window is full. Under _lock."""
+        self._outcomes.append(reason)
+        window = self._outcomes.maxlen
+        failed = Counter(r for r in self._outcomes if r is not None)
+        count = sum(failed.values())
+        if self._failure is None and len(self._outcomes) == window and count > self.config.max_failure_rate * window:
+            self._failure = RolloutFailureError(count, dict(failed), self._last_error, window=window,
+                                                max_rate=self.config.max_failure_rate)
+            logger.warning("%d of the last %d rollouts failed: starting no more", count, window)
 
     def _on_result(self, result: TaskResult) -> None:
         # Runs on the runner thread before the result is visible to `wait`, so a woken
@@ -339,6 +370,7 @@ class WorkflowExecutor:
                 self._streak.clear()
                 self._streak_error = None
                 self._filtered_streak = 0
+                self._record_outcome(None)
         else:
             self.staleness_manager.on_rollout_rejected()
             if result.error is not None:
@@ -533,7 +565,7 @@ class WorkflowExecutor:
             failure = self._failure
         if failure is not None:
             # A fresh exception per call, so tracebacks do not pile up on one object.
-            error = RolloutFailureError(failure.count, failure.reasons, failure.last_error)
+            error = RolloutFailureError(failure.count, failure.reasons, failure.last_error, failure.window, failure.max_rate)
             raise error
 
     @property

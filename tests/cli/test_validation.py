@@ -17,6 +17,8 @@ BAD_VALUES = [
     ("deployment_mode=colocated", "must be one of local_colocated, dataflow_colocated, disaggregated"),
     ("metadata_store=redis", "must be one of noop, memory, sqlite"),
     ("rollout.workers=0", "must be >= 1 (rollout worker processes)"),
+    ("rollout.max_failure_rate=0", "must be in (0, 1]"),
+    ("rollout.failure_rate_window=0", "must be >= 1"),
     ("actor.optimizer.type=adamax", "adamw, sgd"),
     ("actor.optimizer.lr_scheduler_type=warmup", "constant, linear, cosine"),
     ("actor.kl_estimator=k4", "k1, k2, k3"),

@@ -613,3 +613,63 @@ def test_a_long_run_of_filtered_groups_stops_with_its_own_error(engine):
         assert executor.rejection_counts["filtered"] >= 6 and "should_accept" not in executor.rejection_counts
     finally:
         executor.destroy()
+
+
+class FlakyEngine(FakeEngine):
+    """An inference engine whose `agenerate` raises on a seeded random share of requests."""
+
+    def __init__(self, failure_share: float, seed: int = 0) -> None:
+        super().__init__()
+        self.failure_share = failure_share
+        self.rng = random.Random(seed)
+        self.requests = self.failures = 0
+
+    async def agenerate(self, request):
+        self.requests += 1
+        await asyncio.sleep(0)
+        if self.rng.random() < self.failure_share:
+            self.failures += 1
+            raise ConnectionError(f"inference backend refused request {self.requests}")
+        return request
+
+
+class GeneratingWorkflow(SyntheticWorkflow):
+    async def arun_episode(self, engine, data):
+        await engine.agenerate(data["id"])
+        return await super().arun_episode(engine, data)
+
+
+def flaky_run(failure_share: float, steps: int):
+    engine = FlakyEngine(failure_share)
+    config = RolloutConfig(max_concurrent_rollouts=4, max_consecutive_rejections=10_000, max_failure_rate=0.5,
+                           failure_rate_window=32)
+    executor = WorkflowExecutor(config, engine, consumer_batch_size=2)
+    executor.initialize()
+    dataloader = [[{"id": 2 * b + j} for j in range(2)] for b in range(1000)]
+    workflow = GeneratingWorkflow()
+    try:
+        for step in range(steps):
+            executor.prepare_batch(dataloader, workflow, timeout=30)
+            engine.set_version(step + 1)  # the trainer's step
+        return engine, executor.rejection_counts
+    finally:
+        executor.destroy()
+
+
+def test_a_backend_failing_on_some_requests_is_counted_and_the_run_goes_on():
+    engine, counts = flaky_run(0.3, steps=60)
+    assert engine.failures > 15  # many failed requests, never enough of them to stop
+    assert counts["error"] == engine.failures
+
+
+def test_a_backend_failing_on_most_requests_stops_the_run_by_its_failure_rate():
+    t0 = time.monotonic()
+    with pytest.raises(RolloutFailureError) as info:
+        flaky_run(0.7, steps=1000)
+    assert time.monotonic() - t0 < 30
+    error = info.value
+    assert error.window == 32 and 16 < error.count <= 32  # a streak of 10,000 never happened
+    message = str(error)
+    assert message.startswith(f"{error.count} of the last 32 rollouts failed ({error.count} raised)")
+    assert "rollout.max_failure_rate=0.5" in message and "ConnectionError: inference backend refused" in message
+    assert "\n" not in message
