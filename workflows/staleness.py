@@ -181,8 +181,7 @@ class StalenessManager:
         """
         if version < 0:
             raise ValueError(f"recovered version must be >= 0, got {version}")
-        with self._lock:
-            self._accepted = version * self.consumer_batch_size
+        self.on_accepted_recovered(version * self.consumer_batch_size)
 
     def on_accepted_recovered(self, accepted: int) -> None:
         """Set `accepted` to what a restarted producer has already delivered (a rollout
