@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -152,6 +153,7 @@ def test_async_crash_trains_every_prompt_once(tmp_path, gsm8k_dir):
         assert num_records(tmp_path / "trajectories" / f"{v}.jsonl") == batch * 2, v  # 2 samples per prompt
 
 
+@pytest.mark.slow  # three smoke runs (47 s); tests/workflows/test_checkpoint_faults.py covers each file fast
 def test_a_damaged_recover_checkpoint_stops_the_restart_with_one_line(tmp_path, gsm8k_dir):
     run_dir = tmp_path / "run"
     train(run_dir, gsm8k_dir, "trainer.total_steps=2", "trainer.recover_freq_steps=1")
