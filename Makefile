@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # GSM8K is openai/gsm8k from the hub, or offline the copy shipped in the package.
 ARGS   ?=
 
-.PHONY: install install-vllm train smoke test test-slow bench bench-control bench-peer bench-rollout lint clean
+.PHONY: install install-vllm learn train smoke test test-slow bench bench-control bench-peer bench-rollout lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 install-vllm: $(VLLM_VENV)/.installed
+
+# GRPO that visibly learns within the hour on a laptop CPU, then its curves.
+learn: install
+	$(AREAL) train config=arith_grpo $(ARGS)
+	$(AREAL) plot runs/arith-grpo/trial0
 
 train: install
 	$(AREAL) train config=gsm8k_grpo $(ARGS)
