@@ -217,6 +217,7 @@ class WorkflowExecutor:
         # Outcomes of the last `failure_rate_window` finished rollouts: a failure reason,
         # or None for an accepted one (runner thread, under _lock).
         self._outcomes: deque[str | None] = deque(maxlen=config.failure_rate_window)
+        self._window_failures: Counter[str] = Counter()  # the failure reasons in `_outcomes`
         self._last_error: str | None = None  # of any failed rollout, kept across accepted ones
         self._paused = False
         self._destroyed = False
@@ -352,12 +353,16 @@ class WorkflowExecutor:
     def _record_outcome(self, reason: str | None) -> None:
         """Add a finished rollout (a failure reason, or None: accepted) to the failure-rate
         window; trip `rollout.max_failure_rate` once the window is full. Under _lock."""
-        self._outcomes.append(reason)
         window = self._outcomes.maxlen
-        failed = Counter(r for r in self._outcomes if r is not None)
-        count = sum(failed.values())
+        if len(self._outcomes) == window and self._outcomes[0] is not None:
+            self._window_failures[self._outcomes[0]] -= 1  # about to drop out of the window
+        self._outcomes.append(reason)
+        if reason is not None:
+            self._window_failures[reason] += 1
+        count = self._window_failures.total()
         if self._failure is None and len(self._outcomes) == window and count > self.config.max_failure_rate * window:
-            self._failure = RolloutFailureError(count, dict(failed), self._last_error, window=window,
+            failed = {r: n for r, n in self._window_failures.items() if n > 0}
+            self._failure = RolloutFailureError(count, failed, self._last_error, window=window,
                                                 max_rate=self.config.max_failure_rate)
             logger.warning("%d of the last %d rollouts failed: starting no more", count, window)
 

@@ -234,19 +234,22 @@ def check_files(path: Path, info: RecoverInfo, *, digests: bool) -> None:
             raise CorruptCheckpointError(f"recover checkpoint {path}: {name} does not match its SHA-256 (corrupted)")
 
 
-def is_complete(path: Path) -> bool:
-    """Whether `path` holds a readable recover checkpoint (meta.json, weights, optimizer,
-    RNG, each file of the size meta.json lists)."""
+def incomplete_reason(path: Path) -> Optional[str]:
+    """Why `path` is not a readable recover checkpoint (no meta.json, a file of another
+    size than meta.json lists, weights, optimizer or RNG state missing), or None."""
     path = Path(path)
     try:
         check_files(path, read_recover_info(path), digests=False)
-    except (OSError, ValueError):
-        return False
-    return (
-        (path / "optimizer.pt").is_file()
-        and (path / "rng.pt").is_file()
-        and any((path / "model").glob("*.safetensors"))
-    )
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    parts = ((path / "optimizer.pt").is_file() and (path / "rng.pt").is_file()
+             and any((path / "model").glob("*.safetensors")))
+    return None if parts else "weights, optimizer or RNG state missing"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether `path` holds a readable recover checkpoint (`incomplete_reason` is None)."""
+    return incomplete_reason(path) is None
 
 
 def find_recover_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
@@ -257,17 +260,13 @@ def find_recover_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
         CorruptCheckpointError: `recover/` exists but is incomplete and there is no
             complete `recover.old/` (see the module docstring).
     """
-    for name in (RECOVER_NAME, f"{RECOVER_NAME}.old"):
-        candidate = Path(checkpoints_dir) / name
-        if is_complete(candidate):
-            return candidate
     latest = Path(checkpoints_dir) / RECOVER_NAME
+    problem = incomplete_reason(latest)
+    if problem is None:
+        return latest
+    if is_complete(previous := Path(checkpoints_dir) / f"{RECOVER_NAME}.old"):
+        return previous
     if latest.exists():
-        try:
-            check_files(latest, read_recover_info(latest), digests=False)
-            problem = "weights, optimizer or RNG state missing"
-        except (OSError, ValueError) as exc:
-            problem = str(exc)
         raise CorruptCheckpointError(
             f"recover checkpoint {latest} is not usable ({problem}); move it away to start from step 0, "
             f"or set trainer.resume=false")
