@@ -49,8 +49,8 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
         with stop_on_signals():  # Ctrl-C / SIGTERM from here on: an orderly stop, exit 130 / 143
             cfg = resolve_or_exit(words)
             from engines.hub import HubError
-            from workflows.executor import RolloutFailureError
             from workflows.recover import CheckpointWriteError, CorruptCheckpointError
+            from workflows.rollout_failures import RolloutFailureError
             from workflows.trainer import run_training  # heavy imports only when training
 
             launcher = None

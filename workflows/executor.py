@@ -22,12 +22,9 @@ by `wait` / `prepare_batch` / `rollout_batch` satisfies
 generation as possible, ready trajectories are handed out oldest version first.
 
 No hang: rollouts that keep failing would otherwise be replaced by new ones forever. Once
-`rollout.max_consecutive_rejections` rollouts in a row are rejected (raised, returned
-None, or failed `should_accept`) with none accepted in between, the executor starts no
-more and `wait` / `prepare_batch` / `rollout_batch` raise `RolloutFailureError`, naming
-the count, the reasons and the last error. Staleness expiries (a trajectory that was
-accepted and then became too old) and cancellations are not failures of the rollout and
-do not count.
+too many fail, in a row or as a share of the recent ones (`workflows/rollout_failures.py`
+decides), the executor starts no more and `wait` / `prepare_batch` / `rollout_batch`
+raise `RolloutFailureError`, naming the count, the reasons and the last error.
 
 Threads: `submit`, `pause`, `resume`, `get_capacity` and `get_stats` are thread-safe.
 `wait`, `prepare_batch` and `rollout_batch` consume results and must be called from one
@@ -41,7 +38,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,63 +48,14 @@ import torch
 
 from workflows.batch import concat_padded_tensors, oldest_version
 from workflows.config import RolloutConfig
+from workflows.rollout_failures import FailureTracker, RolloutFailureError
 from workflows.staleness import RolloutStats, StalenessManager
-from workflows.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult, last_line
+from workflows.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult
 
 logger = logging.getLogger(__name__)
 
 Trajectory = dict[str, torch.Tensor]
 AcceptFn = Callable[[Trajectory], bool]
-
-
-# Rejections that count towards `rollout.max_consecutive_rejections`, as the message words them.
-FAILURE_REASONS = {"error": "raised", "none": "returned None", "should_accept": "failed should_accept"}
-# Rejections by the group filter (dynamic sampling) have a streak limit of their own,
-# `rollout.max_consecutive_filtered`: a filtered group is no failure of the rollout.
-FILTERED = "filtered"
-
-
-class RolloutFailureError(RuntimeError):
-    """`rollout.max_consecutive_rejections` rollouts in a row were rejected, none accepted.
-
-    Attributes:
-        count: rollouts rejected in a row.
-        reasons: `{reason: count}` over that streak; reasons are the keys of `FAILURE_REASONS`.
-        last_error: the last line of the streak's last traceback (`ValueError: ...`), or None
-            when no rollout of the streak raised.
-        context: appended to the message when set (the trainer says where the run stopped).
-    """
-
-    def __init__(self, count: int, reasons: dict[str, int], last_error: str | None, window: int | None = None,
-                 max_rate: float | None = None) -> None:
-        self.count = count
-        self.reasons = dict(reasons)
-        self.last_error = last_error
-        # Set when the failure rate tripped rather than a streak: `count` of the last
-        # `window` finished rollouts failed, more than `max_rate` of them.
-        self.window = window
-        self.max_rate = max_rate
-        self.context: str | None = None
-        super().__init__(count, self.reasons, last_error)
-
-    def __str__(self) -> str:
-        if set(self.reasons) == {FILTERED}:
-            message = (f"{self.count} prompt groups in a row had all-equal rewards and were dropped by dynamic sampling, "
-                       "none kept; the task is too hard or too easy for this model: change the data or the model, "
-                       "raise rollout.max_consecutive_filtered, or set actor.dynamic_sampling=false")
-            return message + (f"; {self.context}" if self.context else "")
-        reasons = ", ".join(f"{n} {FAILURE_REASONS.get(r, r)}" for r, n in sorted(self.reasons.items(), key=lambda x: -x[1]))
-        if self.window is not None:
-            message = (f"{self.count} of the last {self.window} rollouts failed ({reasons}), more than "
-                       f"rollout.max_failure_rate={self.max_rate:g} of them")
-            limit = "rollout.max_failure_rate"
-        else:
-            message = f"{self.count} rollouts in a row were rejected and none accepted ({reasons})"
-            limit = "rollout.max_consecutive_rejections"
-        if self.last_error:
-            message += f"; last error: {self.last_error}"
-        message += f"; fix the cause, or raise {limit} if so many rejections are expected"
-        return message + (f"; {self.context}" if self.context else "")
 
 
 class RolloutWorkflow(Protocol):
@@ -182,11 +130,6 @@ class WorkflowExecutor:
             )
         if config.queue_size < 1:
             raise ValueError(f"rollout.queue_size must be >= 1, got {config.queue_size}")
-        if config.max_consecutive_rejections < 1:
-            raise ValueError(f"rollout.max_consecutive_rejections must be >= 1, got {config.max_consecutive_rejections}")
-        if not 0 < config.max_failure_rate <= 1 or config.failure_rate_window < 1:
-            raise ValueError("rollout.max_failure_rate must be in (0, 1] and rollout.failure_rate_window >= 1, got "
-                             f"{config.max_failure_rate} and {config.failure_rate_window}")
         self.config = config
         self.inference_engine = inference_engine
         self.consumer_batch_size: int = (
@@ -195,7 +138,6 @@ class WorkflowExecutor:
         self.trajectory_dump_dir = Path(trajectory_dump_dir) if trajectory_dump_dir is not None else None
         self.destroy_timeout = destroy_timeout
         self.group_filter = group_filter
-        self._filtered_streak = 0
         self.staleness_manager = StalenessManager(
             max_concurrent_rollouts=config.max_concurrent_rollouts,
             consumer_batch_size=self.consumer_batch_size,
@@ -208,17 +150,7 @@ class WorkflowExecutor:
         self._pending: deque[_Pending] = deque()
         self._ready: dict[int, _Ready] = {}  # completion order; trainer thread only
         self._task_ids = itertools.count()
-        self._rejections: Counter[str] = Counter()
-        # The current run of rejected rollouts (runner thread, under _lock), and the
-        # failure it became once it reached max_consecutive_rejections (latched).
-        self._streak: Counter[str] = Counter()
-        self._streak_error: str | None = None
-        self._failure: RolloutFailureError | None = None
-        # Outcomes of the last `failure_rate_window` finished rollouts: a failure reason,
-        # or None for an accepted one (runner thread, under _lock).
-        self._outcomes: deque[str | None] = deque(maxlen=config.failure_rate_window)
-        self._window_failures: Counter[str] = Counter()  # the failure reasons in `_outcomes`
-        self._last_error: str | None = None  # of any failed rollout, kept across accepted ones
+        self._failures = FailureTracker(config)  # runner thread, under _lock
         self._paused = False
         self._destroyed = False
         self._runner: AsyncTaskRunner | None = None
@@ -304,7 +236,7 @@ class WorkflowExecutor:
         with self._lock:
             if self._runner is None:
                 return
-            while self._pending and not self._paused and not self._destroyed and self._failure is None:
+            while self._pending and not self._paused and not self._destroyed and self._failures.failure is None:
                 if self.staleness_manager.get_capacity() <= 0:
                     break
                 item = self._pending.popleft()
@@ -330,41 +262,11 @@ class WorkflowExecutor:
 
     def _count_filtered(self) -> None:
         with self._lock:
-            self._rejections[FILTERED] += 1
-            self._filtered_streak += 1
-            if self._failure is None and self._filtered_streak >= self.config.max_consecutive_filtered:
-                self._failure = RolloutFailureError(self._filtered_streak, {FILTERED: self._filtered_streak}, None)
-                logger.warning("%d prompt groups in a row were filtered: starting no more", self._filtered_streak)
+            self._failures.on_filtered()
 
     def _count_rejection(self, reason: str, error: str | None = None) -> None:
         with self._lock:
-            self._rejections[reason] += 1
-            if reason not in FAILURE_REASONS:
-                return  # expired, cancelled: not the rollout's failure
-            self._streak[reason] += 1
-            if error is not None:
-                self._streak_error = self._last_error = last_line(error)
-            count = sum(self._streak.values())
-            if self._failure is None and count >= self.config.max_consecutive_rejections:
-                self._failure = RolloutFailureError(count, dict(self._streak), self._streak_error)
-                logger.warning("%d rollouts in a row were rejected: starting no more", count)
-            self._record_outcome(reason)
-
-    def _record_outcome(self, reason: str | None) -> None:
-        """Add a finished rollout (a failure reason, or None: accepted) to the failure-rate
-        window; trip `rollout.max_failure_rate` once the window is full. Under _lock."""
-        window = self._outcomes.maxlen
-        if len(self._outcomes) == window and self._outcomes[0] is not None:
-            self._window_failures[self._outcomes[0]] -= 1  # about to drop out of the window
-        self._outcomes.append(reason)
-        if reason is not None:
-            self._window_failures[reason] += 1
-        count = self._window_failures.total()
-        if self._failure is None and len(self._outcomes) == window and count > self.config.max_failure_rate * window:
-            failed = {r: n for r, n in self._window_failures.items() if n > 0}
-            self._failure = RolloutFailureError(count, failed, self._last_error, window=window,
-                                                max_rate=self.config.max_failure_rate)
-            logger.warning("%d of the last %d rollouts failed: starting no more", count, window)
+            self._failures.on_rejected(reason, error)
 
     def _on_result(self, result: TaskResult) -> None:
         # Runs on the runner thread before the result is visible to `wait`, so a woken
@@ -372,10 +274,7 @@ class WorkflowExecutor:
         if result.accepted:
             self.staleness_manager.on_rollout_accepted()
             with self._lock:
-                self._streak.clear()
-                self._streak_error = None
-                self._filtered_streak = 0
-                self._record_outcome(None)
+                self._failures.on_accepted()
         else:
             self.staleness_manager.on_rollout_rejected()
             if result.error is not None:
@@ -567,17 +466,15 @@ class WorkflowExecutor:
 
     def _raise_if_failed(self) -> None:
         with self._lock:
-            failure = self._failure
+            failure = self._failures.failure
         if failure is not None:
-            # A fresh exception per call, so tracebacks do not pile up on one object.
-            error = RolloutFailureError(failure.count, failure.reasons, failure.last_error, failure.window, failure.max_rate)
-            raise error
+            raise failure.copy()
 
     @property
     def failure(self) -> RolloutFailureError | None:
         """The `RolloutFailureError` this executor has stopped on, or None."""
         with self._lock:
-            return self._failure
+            return self._failures.failure
 
     def _check_progress_possible(self, wanted: int, *, can_refill: bool = False) -> bool:
         """True when a result can still arrive; False when none can but the caller may
@@ -684,13 +581,13 @@ class WorkflowExecutor:
     def rejection_counts(self) -> dict[str, int]:
         """Rejections by reason: none, should_accept, error, cancelled, expired, filtered."""
         with self._lock:
-            return dict(self._rejections)
+            return dict(self._failures.rejections)
 
     @property
     def num_expired(self) -> int:
         """Accepted trajectories dropped for exceeding `max_head_offpolicyness`."""
         with self._lock:
-            return self._rejections["expired"]
+            return self._failures.rejections["expired"]
 
     def _require_runner(self) -> AsyncTaskRunner:
         if self._runner is None:

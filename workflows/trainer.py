@@ -33,7 +33,7 @@ the training thread; the rollout thread, the inference worker and the reward pro
 shut down on the way out, and the exception carries the run directory and the step of the
 last recover checkpoint, from which a new start continues. A step's stats record and
 checkpoints are written whole or not at all (a signal meanwhile waits for them). If
-rollouts keep failing, `prepare_batch` raises `RolloutFailureError` (workflows/executor.py)
+rollouts keep failing, `prepare_batch` raises `RolloutFailureError` (workflows/rollout_failures.py)
 and the run ends without saving anything, so the last recover checkpoint stays as it was.
 
 With `WORLD_SIZE > 1` (see `areal launch`) every rank runs this loop on its shard of each
@@ -60,7 +60,6 @@ from engines.distributed import DistributedContext, init_distributed, shutdown_d
 from engines.ppo import group_normalized_advantages, overlong_penalty
 from workflows.batch import staleness_stats
 from workflows.evaluation import run_evaluation, stats_of, write_report
-from workflows.executor import RolloutFailureError
 from workflows.recover import (
     RecoverInfo,
     inject_fault_after,
@@ -68,6 +67,7 @@ from workflows.recover import (
     save_checkpoint,
     save_recover_checkpoint,
 )
+from workflows.rollout_failures import RolloutFailureError
 from workflows.rollouts import WorkerLauncher
 from workflows.run import Run, build_run, close_run, find_resume_point, last_recover_step, restore_or_reset
 from workflows.shutdown import RunInterrupted, deferred_stop, stop_on_signals

@@ -12,7 +12,8 @@ import torch
 
 from workflows.batch import concat_padded_tensors, oldest_version, staleness_stats
 from workflows.config import RolloutConfig
-from workflows.executor import RolloutFailureError, WorkflowExecutor
+from workflows.executor import WorkflowExecutor
+from workflows.rollout_failures import RolloutFailureError
 from workflows.task_runner import TaskQueueFullError
 
 PROMPT_LEN = 3
