@@ -343,6 +343,11 @@ def _path_errors(cfg: "ExperimentConfig") -> list[str]:
             find_server_python(rollout.backend, rollout.server_python)
         except FileNotFoundError as exc:
             errors.append(str(exc))
+    if cfg.model.device == "cuda":
+        import torch  # only here: the other checks stay cheap
+
+        if not torch.cuda.is_available():
+            errors.append("model.device='cuda' but this machine sees no CUDA device; set model.device=cpu or auto")
     data = cfg.dataset.path
     if data.startswith("reasoning_gym:"):
         errors += _procedural_errors(data)
@@ -380,8 +385,9 @@ def check_config(cfg: "ExperimentConfig", *, world_size: Optional[int] = None, c
 
     Args:
         world_size: replicas the job runs as; default `$WORLD_SIZE` or 1.
-        check_paths: check that local `model.path` / `dataset.path` exist (off when the
-            job runs on another machine, whose files this one cannot see).
+        check_paths: check what this machine must have: local `model.path` /
+            `dataset.path`, a server interpreter, a GPU for `model.device=cuda` (off when
+            the job runs on another machine, whose files and devices this one cannot see).
 
     Raises:
         ConfigError: one line naming the key, its value and what to change.

@@ -126,6 +126,17 @@ def test_existing_paths_and_hub_ids_pass(tmp_path, gsm8k_dir):
     assert load_config("smoke", ["dataset.path=/data/only/on/the/cluster"], check_paths=False)
 
 
+def test_cuda_without_a_gpu_is_refused_here_but_not_for_another_machine():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=r"^model.device='cuda' but this machine sees no CUDA device"):
+        load_config("smoke", ["model.device=cuda"])
+    # A cloud launch resolves the config here for a machine that has the GPU.
+    assert load_config("smoke", ["model.device=cuda"], check_paths=False).model.device == "cuda"
+
+
 @pytest.mark.parametrize(
     "word, fragment",
     [
