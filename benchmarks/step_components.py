@@ -1,6 +1,6 @@
 """What each change to the sampler and the trainer contributes, measured one at a time.
 
-    .venv/bin/python benchmarks/step_components.py        # ~10 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/step_components.py        # ~18 minutes on a 2-core CPU
 
 The work of `benchmarks/peer_trl.py`: SmolLM2-135M-Instruct in float32, the first 8 GSM8K
 train prompts x 4 samples, 128 new tokens, temperature 1.0. Each variant runs in a fresh
