@@ -143,6 +143,11 @@ class MetadataStore(Protocol):
         """Every ref (in commit order), or those in `state`."""
         ...
 
+    def count(self, state: str, *, worker: Optional[int] = None) -> int:
+        """How many refs are in `state` (one of STATES), of `worker` only when given;
+        without reading the refs (a rollout worker asks this on every poll)."""
+        ...
+
     def acked_steps(self) -> dict[str, int]:
         """`{sample_id: step}` of every acked ref."""
         ...
@@ -183,6 +188,9 @@ class NoOpMetadataStore:
 
     def refs(self, state: Optional[str] = None) -> list[SampleRef]:
         return []
+
+    def count(self, state: str, *, worker: Optional[int] = None) -> int:
+        return 0
 
     def acked_steps(self) -> dict[str, int]:
         return {}
@@ -277,6 +285,11 @@ class InMemoryMetadataStore:
     def refs(self, state: Optional[str] = None) -> list[SampleRef]:
         with self._lock:
             return [r for r in self._refs.values() if state is None or self._state[r.sample_id] == state]
+
+    def count(self, state: str, *, worker: Optional[int] = None) -> int:
+        with self._lock:
+            return sum(1 for r in self._refs.values()
+                       if self._state[r.sample_id] == state and (worker is None or r.worker == worker))
 
     def acked_steps(self) -> dict[str, int]:
         with self._lock:

@@ -124,7 +124,7 @@ def run_worker(cfg: ExperimentConfig, index: int, count: int, trainer_pid: Optio
     try:
         _load_weights(inference, *found)
         mine = [r for r in store.refs() if r.worker == index]
-        expired_seen = len([r for r in store.refs("expired") if r.worker == index])
+        expired_seen = store.count("expired", worker=index)
         executor.initialize()
         executor.staleness_manager.on_accepted_recovered(len(mine) - expired_seen)
         source = Uncommitted(loader, {r.sample_id for r in store.refs()})
@@ -141,7 +141,7 @@ def run_worker(cfg: ExperimentConfig, index: int, count: int, trainer_pid: Optio
                 finally:
                     inference.resume()
                     executor.resume()
-            expired = len([r for r in store.refs("expired") if r.worker == index])
+            expired = store.count("expired", worker=index)
             for _ in range(expired - expired_seen):
                 executor.staleness_manager.on_rollout_expired()  # the trainer dropped it: room again
             expired_seen = expired
