@@ -143,9 +143,9 @@ class MetadataStore(Protocol):
         """Every ref (in commit order), or those in `state`."""
         ...
 
-    def count(self, state: str, *, worker: Optional[int] = None) -> int:
-        """How many refs are in `state` (one of STATES), of `worker` only when given;
-        without reading the refs (a rollout worker asks this on every poll)."""
+    def count(self, state: str, *, worker: int) -> int:
+        """How many of `worker`'s refs are in `state` (one of STATES), without reading
+        them (a rollout worker asks this on every poll; `status` counts all workers)."""
         ...
 
     def acked_steps(self) -> dict[str, int]:
@@ -189,7 +189,7 @@ class NoOpMetadataStore:
     def refs(self, state: Optional[str] = None) -> list[SampleRef]:
         return []
 
-    def count(self, state: str, *, worker: Optional[int] = None) -> int:
+    def count(self, state: str, *, worker: int) -> int:
         return 0
 
     def acked_steps(self) -> dict[str, int]:
@@ -286,10 +286,9 @@ class InMemoryMetadataStore:
         with self._lock:
             return [r for r in self._refs.values() if state is None or self._state[r.sample_id] == state]
 
-    def count(self, state: str, *, worker: Optional[int] = None) -> int:
+    def count(self, state: str, *, worker: int) -> int:
         with self._lock:
-            return sum(1 for r in self._refs.values()
-                       if self._state[r.sample_id] == state and (worker is None or r.worker == worker))
+            return sum(1 for r in self._refs.values() if r.worker == worker and self._state[r.sample_id] == state)
 
     def acked_steps(self) -> dict[str, int]:
         with self._lock:

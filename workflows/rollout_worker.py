@@ -123,11 +123,12 @@ def run_worker(cfg: ExperimentConfig, index: int, count: int, trainer_pid: Optio
                                 group_filter=has_reward_variance if cfg.actor.dynamic_sampling else None)
     try:
         _load_weights(inference, *found)
-        mine = [r for r in store.refs() if r.worker == index]
+        delivered = store.refs()  # by every worker, before this one started
+        mine = [r for r in delivered if r.worker == index]
         expired_seen = store.count("expired", worker=index)
         executor.initialize()
         executor.staleness_manager.on_accepted_recovered(len(mine) - expired_seen)
-        source = Uncommitted(loader, {r.sample_id for r in store.refs()})
+        source = Uncommitted(loader, {r.sample_id for r in delivered})
         logger.info("rollout worker %d/%d: version %d, %d samples delivered before", index, count, found[0], len(mine))
         while trainer_pid is None or os.getppid() == trainer_pid:
             found = latest_version(published)

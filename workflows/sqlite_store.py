@@ -164,10 +164,10 @@ class SQLiteMetadataStore:
             rows = self._conn.execute(query, (state,) if state else ()).fetchall()
         return [SampleRef(*row) for row in rows]
 
-    def count(self, state: str, *, worker: Optional[int] = None) -> int:
-        query = "SELECT COUNT(*) FROM samples WHERE state = ?" + (" AND worker = ?" if worker is not None else "")
+    def count(self, state: str, *, worker: int) -> int:
         with self._lock:
-            return self._conn.execute(query, (state,) if worker is None else (state, worker)).fetchone()[0]
+            query = "SELECT COUNT(*) FROM samples WHERE state = ? AND worker = ?"
+            return self._conn.execute(query, (state, worker)).fetchone()[0]
 
     def acked_steps(self) -> dict[str, int]:
         with self._lock:
