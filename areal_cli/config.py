@@ -1,7 +1,7 @@
 """`config=NAME` plus Hydra overrides -> a typed `ExperimentConfig`.
 
-The YAML files in `areal_cli/configs/` are merged onto the dataclasses below (Hydra structured
-configs), so an unknown key or a value of the wrong type is refused before anything
+The YAML files in `areal_cli/configs/` are merged onto the schema, the dataclasses of
+`workflows/config.py` (Hydra structured configs), so an unknown key or a value of the wrong type is refused before anything
 runs. `load_config` turns those refusals into a `ConfigError` that names the key and, for
 a typo, the closest valid key.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,41 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from areal_cli.validation import ConfigError, check_config
-from engines.config import ActorConfig, GenerationConfig, ModelConfig
-from workflows.config import DatasetConfig, EvalConfig, RolloutConfig, StatsLoggerConfig, TrainerConfig
-
-
-@dataclass
-class ExperimentConfig:
-    """The whole job. Every run saves the resolved copy as `<run_dir>/config.yaml`."""
-
-    experiment_name: str = "gsm8k-grpo"
-    trial_name: str = "trial0"
-    seed: int = 1
-    # Runs live in `<run_root>/<experiment_name>/<trial_name>` unless `run_dir` is set.
-    run_root: str = "runs"
-    run_dir: Optional[str] = None
-    # Where converted models are cached; defaults to $AREAL_CACHE_DIR or ~/.cache/areal.
-    cache_dir: Optional[str] = None
-    # Where rollouts run and what the control plane records (workflows/control_plane.py):
-    # local_colocated | dataflow_colocated | disaggregated (rollout.workers processes).
-    deployment_mode: str = "local_colocated"
-    # The metadata store: noop | memory | sqlite; null: the deployment mode's own.
-    metadata_store: Optional[str] = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    gconfig: GenerationConfig = field(default_factory=GenerationConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    actor: ActorConfig = field(default_factory=ActorConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    stats_logger: StatsLoggerConfig = field(default_factory=StatsLoggerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def resolved_run_dir(self) -> Path:
-        if self.run_dir:
-            return Path(self.run_dir)
-        return Path(self.run_root) / self.experiment_name / self.trial_name
-
+from workflows.config import ExperimentConfig
 
 SCHEMA_NAME = "areal_schema"
 ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
@@ -158,16 +124,6 @@ def _check_override_grammar(word: str) -> None:
         ) from None
     if not parsed.key_or_group:
         raise ConfigError(f"the override {word!r} names no key; write key=value, +key=value or ~key")
-
-
-def to_yaml(cfg: ExperimentConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def from_yaml(path: Path) -> ExperimentConfig:
-    """The config a run saved with `to_yaml` (`<run_dir>/config.yaml`), typed again."""
-    saved = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(Path(path)))
-    return OmegaConf.to_object(saved)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from typing import NoReturn, Optional
 import typer
 from rich.console import Console
 
-from areal_cli.config import ConfigError, ExperimentConfig, load_config, split_cli_args
+from areal_cli.config import ConfigError, load_config, split_cli_args
+from workflows.config import ExperimentConfig
 
 err = Console(stderr=True, soft_wrap=True)
 

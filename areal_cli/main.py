@@ -19,9 +19,9 @@ import typer
 from rich.console import Console
 from rich.syntax import Syntax
 
-from areal_cli.config import to_yaml
 from areal_cli.console import err, fail, resolve_or_exit
 from areal_cli.launch import launch_app
+from workflows.config import to_yaml
 
 app = typer.Typer(
     help="areal: asynchronous RL (GRPO) for language models, from a laptop CPU to many GPUs.",
@@ -42,16 +42,16 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 @app.command(context_settings=PASSTHROUGH)
 def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False)) -> None:
     """Run GRPO training in this process (see `areal launch` for several replicas)."""
-    from workflows.shutdown import RunInterrupted, stop_on_signals  # stdlib only
+    from workflows.training.shutdown import RunInterrupted, stop_on_signals  # stdlib only
 
     words = args or []
     try:
         with stop_on_signals():  # Ctrl-C / SIGTERM from here on: an orderly stop, exit 130 / 143
             cfg = resolve_or_exit(words)
             from engines.hub import HubError
-            from workflows.recover import CheckpointWriteError, CorruptCheckpointError
-            from workflows.rollout_failures import RolloutFailureError
-            from workflows.trainer import run_training  # heavy imports only when training
+            from workflows.controller.failures import RolloutFailureError
+            from workflows.training.recover import CheckpointWriteError, CorruptCheckpointError
+            from workflows.training.trainer import run_training  # heavy imports only when training
 
             launcher = None
             if cfg.deployment_mode == "disaggregated":
@@ -76,13 +76,13 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
 def eval_command(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False)) -> None:
     """Held-out accuracy of `model.path` (greedy pass@1, and pass@k with eval.n_samples):
     areal eval config=gsm8k_grpo model.path=RUN/checkpoints/step_N"""
-    from workflows.shutdown import RunInterrupted, stop_on_signals
+    from workflows.training.shutdown import RunInterrupted, stop_on_signals
 
     try:
         with stop_on_signals():
             cfg = resolve_or_exit(args or [])
             from engines.hub import HubError
-            from workflows.evaluation import evaluate_model
+            from workflows.training.evaluation import evaluate_model
 
             try:
                 report, path = evaluate_model(cfg)
@@ -105,7 +105,7 @@ def plot(
 ) -> None:
     """Draw reward, accuracy, held-out accuracy, loss, response length, staleness and step
     time against step, the runs overlaid, into one PNG."""
-    from workflows.plots import plot_runs
+    from workflows.metrics.plots import plot_runs
 
     try:
         written = plot_runs(runs, out or runs[0] / "curves.png", title=title)

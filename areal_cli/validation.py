@@ -1,6 +1,6 @@
 """Every value of a resolved config, checked before anything heavy starts.
 
-The schema's dataclasses (engines/config.py, workflows/config.py, areal_cli/config.py)
+The schema's dataclasses (engines/config.py, workflows/config.py)
 fix each key's type; this module fixes each key's range. `check_config` runs right
 after Hydra composes the config, before any model, dataset or process is touched, and
 refuses the first bad value with a `ConfigError` of the form
@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from engines.config import (
     ATTN_IMPLEMENTATIONS,
@@ -39,10 +39,8 @@ from workflows.config import (
     ROLLOUT_BACKENDS,
     STATS_BACKENDS,
     WANDB_MODES,
+    ExperimentConfig,
 )
-
-if TYPE_CHECKING:
-    from areal_cli.config import ExperimentConfig
 
 
 class ConfigError(ValueError):
@@ -206,7 +204,7 @@ def lookup(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def _rule_errors(cfg: "ExperimentConfig") -> list[str]:
+def _rule_errors(cfg: ExperimentConfig) -> list[str]:
     errors = []
     for rule in RULES:
         value = lookup(cfg, rule.key)
@@ -221,7 +219,7 @@ def _rule_errors(cfg: "ExperimentConfig") -> list[str]:
 # Rules that tie several keys together.
 
 
-def _cross_field_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
+def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
     errors = []
     actor, g, data = cfg.actor, cfg.gconfig, cfg.dataset
     sequence = data.max_prompt_length + g.max_new_tokens
@@ -272,7 +270,7 @@ def _cross_field_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
     return errors
 
 
-def _deployment_errors(cfg: "ExperimentConfig", world_size: int) -> list[str]:
+def _deployment_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
     mode, store, r = cfg.deployment_mode, cfg.metadata_store, cfg.rollout
     errors = []
     if mode != "local_colocated" and world_size > 1:
@@ -314,7 +312,7 @@ def _is_hub_id(path: str) -> bool:
     return True
 
 
-def _path_errors(cfg: "ExperimentConfig") -> list[str]:
+def _path_errors(cfg: ExperimentConfig) -> list[str]:
     errors = []
     model = cfg.model.path
     if model.startswith("gguf:"):
@@ -380,7 +378,7 @@ def _env_world_size() -> int:
     return int(raw)
 
 
-def check_config(cfg: "ExperimentConfig", *, world_size: Optional[int] = None, check_paths: bool = True) -> None:
+def check_config(cfg: ExperimentConfig, *, world_size: Optional[int] = None, check_paths: bool = True) -> None:
     """Refuse the first bad value of `cfg` (see the module docstring).
 
     Args:

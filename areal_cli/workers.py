@@ -1,7 +1,7 @@
 """Rollout workers started through the launchers' `ServerlessExecutor`.
 
 `deployment_mode=disaggregated` runs `rollout.workers` rollout worker processes beside
-the trainer (workflows/rollout_worker.py). The trainer's side (workflows/rollouts.py)
+the trainer (workflows/control_plane/rollout_worker.py). The trainer's side (workflows/control_plane/rollouts.py)
 only needs a `WorkerLauncher`; this adapter gives it one backed by the same executor
 `areal launch` uses, so a worker is a replica like any other: its own session (a cancel
 reaches everything it started), its log in `<run_dir>/logs/worker<i>-<attempt>/rank0.log`.

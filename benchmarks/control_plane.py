@@ -33,10 +33,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from areal_cli.config import load_config  # noqa: E402
-from workflows.control_plane import resolve_control_plane, sample_ref, samples_dir  # noqa: E402
-from workflows.samples import read_sample, write_sample  # noqa: E402
-from workflows.stats import read_stats  # noqa: E402
-from workflows.trainer import run_training  # noqa: E402
+from workflows.control_plane.modes import resolve_control_plane, sample_ref, samples_dir  # noqa: E402
+from workflows.control_plane.samples import read_sample, write_sample  # noqa: E402
+from workflows.metrics.stats import read_stats  # noqa: E402
+from workflows.training.trainer import run_training  # noqa: E402
 
 
 def smoke_step_time(steps: int, run_dir: Path) -> tuple[float, int, int, int]:

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engines.model import resolve_model_dir  # noqa: E402
-from workflows.dataset import INSTRUCTION, PACKAGED_DATASETS, reference_answer  # noqa: E402
+from workflows.data.dataset import INSTRUCTION, PACKAGED_DATASETS, reference_answer  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TORCH = "torch==2.13.0"

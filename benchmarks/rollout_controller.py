@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from workflows.config import RolloutConfig
-from workflows.executor import WorkflowExecutor
-from workflows.task_runner import AsyncTaskRunner
+from workflows.controller.executor import WorkflowExecutor
+from workflows.controller.task_runner import AsyncTaskRunner
 
 # ---------------------------------------------------------------------- workload
 

@@ -34,7 +34,7 @@ from engines.remote_vllm import RemoteVLLMEngine  # noqa: E402
 from engines.servers import find_server_python, start_servers  # noqa: E402
 from engines.weights import publish_weights  # noqa: E402
 from workflows.config import DatasetConfig  # noqa: E402
-from workflows.dataset import PACKAGED_DATASETS, load_prompt_dataset  # noqa: E402
+from workflows.data.dataset import PACKAGED_DATASETS, load_prompt_dataset  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -4,7 +4,7 @@ the trainer on 64 to 1,024 simulated GPUs, with long-tailed generation lengths.
     .venv/bin/python benchmarks/scale_sim.py [--gpus 64 128 256 512 1024] [--bounds 0 1 2 4 8] [--plot docs/scale_sim.png]
 
 No model runs: every rollout is a sampled generation length, every step a training time.
-Admission is the project's own `StalenessManager` (workflows/staleness.py), driven
+Admission is the project's own `StalenessManager` (workflows/controller/staleness.py), driven
 exactly as the `WorkflowExecutor` drives it (enqueue, submit, accept, expire), and the
 trainer takes the oldest trajectories first and drops any older than the bound, as the
 executor's `wait` does. So the figures are those of the real admission rule, at scales
@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflows.staleness import StalenessManager  # noqa: E402
+from workflows.controller.staleness import StalenessManager  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def _setup():
     from engines.config import ModelConfig
     from engines.factories import setup_cpu_threads, setup_malloc
     from engines.model import load_model, load_tokenizer, resolve_model_dir
-    from workflows.dataset import PACKAGED_DATASETS, build_prompt_ids
+    from workflows.data.dataset import PACKAGED_DATASETS, build_prompt_ids
 
     setup_cpu_threads()
     setup_malloc()

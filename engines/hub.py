@@ -1,6 +1,6 @@
 """Is the Hugging Face hub reachable? Asked once per process, answered within seconds.
 
-`engines/model.py` and `workflows/dataset.py` ask before they touch the hub, so that a
+`engines/model.py` and `workflows/data/dataset.py` ask before they touch the hub, so that a
 machine without network falls back to an offline copy (the packaged model, the shipped
 GSM8K, the local HF cache) at once instead of after the libraries' own retries, and a hub
 id with no offline copy fails with one line (`HubUnreachableError`) instead of a

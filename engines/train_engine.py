@@ -1,7 +1,7 @@
 """The training engine: one policy, its optimizer and schedule, and the PPO/GRPO update.
 
 Built only through the factories in `engines/factories.py`. It works on padded token
-batches (dicts of tensors, see `workflows/batch.py`) and knows nothing of text, rewards
+batches (dicts of tensors, see `workflows/rollout/batch.py`) and knows nothing of text, rewards
 or rollouts.
 """
 
@@ -165,7 +165,7 @@ class TrainEngine:
 
     def save_optimizer_state(self, path: Path) -> None:
         """Write the optimizer and LR-scheduler state dicts and the policy version to one
-        `torch.save` file at `path` (for crash recovery; see workflows/recover.py)."""
+        `torch.save` file at `path` (for crash recovery; see workflows/training/recover.py)."""
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
+# The copy the package ships (workflows/data/gsm8k), so a fresh clone needs nothing beside it.
+GSM8K_DIR = REPO / "workflows" / "data" / "gsm8k"
 TINY_OVERRIDES = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16
 )
@@ -18,7 +19,7 @@ TINY_OVERRIDES = dict(
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
     if not GSM8K_DIR.exists():
-        pytest.fail(f"GSM8K is expected at {GSM8K_DIR} (../shared/data/gsm8k beside the repository)")
+        pytest.fail(f"the packaged GSM8K is missing at {GSM8K_DIR}")
     return GSM8K_DIR
 
 
@@ -54,7 +55,7 @@ def schema_leaves(cls=None, prefix: str = ""):
     import typing
 
     if cls is None:
-        from areal_cli.config import ExperimentConfig
+        from workflows.config import ExperimentConfig
 
         cls = ExperimentConfig
     hints = typing.get_type_hints(cls)

@@ -1,13 +1,23 @@
-"""Configuration of what flows: data, rollout control, the training loop and its logs."""
+"""The job's schema: `ExperimentConfig` and the configuration of what flows (data, rollout
+control, the training loop and its logs); the engines' own parts are in engines/config.py.
+
+Plain dataclasses, read and written as YAML (`to_yaml`, `from_yaml`); `areal_cli/` composes
+them from Hydra config files and command-line overrides and checks every value.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from engines.config import ActorConfig, GenerationConfig, ModelConfig
 
 # rollout.backend: the in-process engine, or inference servers (engines/servers.py).
 ROLLOUT_BACKENDS = ("local", "vllm", "sglang")
-# deployment_mode and metadata_store: the control plane (workflows/control_plane.py).
+# deployment_mode and metadata_store: the control plane (workflows/control_plane/modes.py).
 DEPLOYMENT_MODES = ("local_colocated", "dataflow_colocated", "disaggregated")
 METADATA_STORES = ("noop", "memory", "sqlite")
 STATS_BACKENDS = ("console", "jsonl", "tensorboard", "wandb")
@@ -23,7 +33,7 @@ class DatasetConfig:
     (or file) of `.jsonl` / `.parquet` files such as `train.jsonl` and `test.jsonl`.
     With the hub unreachable, `openai/gsm8k` is read from the copy shipped with the
     package (workflows/data/gsm8k/). `reasoning_gym:<task>` generates a procedural task
-    of the PyPI package reasoning-gym (workflows/dataset.py, `procedural_split`).
+    of the PyPI package reasoning-gym (workflows/data/dataset.py, `procedural_split`).
     """
 
     path: str = "openai/gsm8k"
@@ -56,7 +66,7 @@ class RolloutConfig:
     reward_workers: int = 2
     # any: math-verify takes the last answer it finds (an expression that evaluates to the
     # answer counts); boxed: only an answer in \boxed{}, as the prompt asks; number: only
-    # the last number written (workflows/reward.py).
+    # the last number written (workflows/rollout/reward.py).
     reward_format: str = "any"
     # Append every trained trajectory to `<run_dir>/trajectories/<version>.jsonl`.
     dump_trajectories: bool = False
@@ -111,13 +121,13 @@ class TrainerConfig:
     # checkpoint; false starts from step 0 (and discards the run_dir's stats records).
     resume: bool = True
     # Steps between recover checkpoints (weights, optimizer, RNG, data position; see
-    # workflows/recover.py); None: same as save_freq_steps; 0: only at the end.
+    # workflows/training/recover.py); None: same as save_freq_steps; 0: only at the end.
     recover_freq_steps: Optional[int] = None
 
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation (workflows/evaluation.py): `areal eval`, and the trainer's every
+    """Held-out evaluation (workflows/training/evaluation.py): `areal eval`, and the trainer's every
     `trainer.eval_freq_steps` on `dataset.eval_split` (at most `dataset.max_eval_samples`)."""
 
     # Sampled completions per prompt (at gconfig.temperature) for pass@k, beside the greedy
@@ -130,7 +140,7 @@ class EvalConfig:
 
 @dataclass
 class StatsLoggerConfig:
-    # Where each step's record goes (workflows/stats.py): any of console, jsonl,
+    # Where each step's record goes (workflows/metrics/stats.py): any of console, jsonl,
     # tensorboard (<run_dir>/tensorboard/), wandb (<run_dir>/wandb/).
     backends: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     print_every: int = 1  # steps between printed records
@@ -138,3 +148,45 @@ class StatsLoggerConfig:
     wandb_project: str = "areal"
     # offline: no network or account needed (`wandb sync` uploads later); online; disabled.
     wandb_mode: str = "offline"
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole job. Every run saves the resolved copy as `<run_dir>/config.yaml`."""
+
+    experiment_name: str = "gsm8k-grpo"
+    trial_name: str = "trial0"
+    seed: int = 1
+    # Runs live in `<run_root>/<experiment_name>/<trial_name>` unless `run_dir` is set.
+    run_root: str = "runs"
+    run_dir: Optional[str] = None
+    # Where converted models are cached; defaults to $AREAL_CACHE_DIR or ~/.cache/areal.
+    cache_dir: Optional[str] = None
+    # Where rollouts run and what the control plane records (workflows/control_plane/modes.py):
+    # local_colocated | dataflow_colocated | disaggregated (rollout.workers processes).
+    deployment_mode: str = "local_colocated"
+    # The metadata store: noop | memory | sqlite; null: the deployment mode's own.
+    metadata_store: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    gconfig: GenerationConfig = field(default_factory=GenerationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stats_logger: StatsLoggerConfig = field(default_factory=StatsLoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        return Path(self.run_root) / self.experiment_name / self.trial_name
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(path: Path) -> ExperimentConfig:
+    """The config a run saved with `to_yaml` (`<run_dir>/config.yaml`), typed again."""
+    saved = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(Path(path)))
+    return OmegaConf.to_object(saved)  # type: ignore[return-value]

@@ -2,8 +2,9 @@ import subprocess
 
 import pytest
 
-from areal_cli.config import ConfigError, ExperimentConfig, load_config, split_cli_args
+from areal_cli.config import ConfigError, load_config, split_cli_args
 from tests.conftest import REPO, areal_cli, cli_env, schema_leaves
+from workflows.config import ExperimentConfig
 
 
 def run_cli(*args):

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from areal_cli.config import ExperimentConfig
 from areal_cli.main import app
 from tests.conftest import schema_leaves
+from workflows.config import ExperimentConfig
 
 LEAVES = dict(schema_leaves())
 # Keys whose valid values would make the stub touch the network or the file system.
@@ -72,7 +72,7 @@ def build_without_model(cfg: ExperimentConfig) -> None:
     from engines.factories import create_lr_scheduler, create_optimizer, validate_and_force_pad_to_maximum
     from engines.model import torch_dtype
     from engines.ppo import kl_penalty
-    from workflows.staleness import StalenessManager
+    from workflows.controller.staleness import StalenessManager
 
     param = torch.nn.Parameter(torch.zeros(2))
     optimizer = create_optimizer([param], cfg.actor.optimizer)
@@ -92,7 +92,7 @@ def build_without_model(cfg: ExperimentConfig) -> None:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
-    import workflows.trainer
+    import workflows.training.trainer
 
     accepted = []
 
@@ -100,10 +100,10 @@ def cli(tmp_path_factory):
         build_without_model(cfg)
         accepted.append(cfg)
 
-    original = workflows.trainer.run_training
-    workflows.trainer.run_training = fake_run_training
+    original = workflows.training.trainer.run_training
+    workflows.training.trainer.run_training = fake_run_training
     yield CliRunner(), accepted
-    workflows.trainer.run_training = original
+    workflows.training.trainer.run_training = original
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

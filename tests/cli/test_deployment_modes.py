@@ -15,10 +15,10 @@ import pytest
 from tests.cli.test_resume import command, num_records, resumed_from, train
 from tests.cli.test_train_smoke import SIGNAL
 from tests.conftest import REPO, cli_env
-from workflows.control_plane import store_path
-from workflows.metadata import sample_id_of
-from workflows.sqlite_store import SQLiteMetadataStore
-from workflows.stats import read_stats
+from workflows.control_plane.metadata import sample_id_of
+from workflows.control_plane.modes import store_path
+from workflows.control_plane.sqlite_store import SQLiteMetadataStore
+from workflows.metrics.stats import read_stats
 
 STEPS = 4
 COMMON = [f"trainer.total_steps={STEPS}", "trainer.save_freq_steps=1", "actor.deterministic=true", *SIGNAL]

@@ -7,7 +7,7 @@ import subprocess
 
 from tests.cli.test_resume import train
 from tests.conftest import REPO, areal_cli, cli_env
-from workflows.stats import read_stats
+from workflows.metrics.stats import read_stats
 
 
 def test_trainer_and_areal_eval_report_held_out_accuracy(tmp_path, gsm8k_dir):

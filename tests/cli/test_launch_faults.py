@@ -15,7 +15,7 @@ import pytest
 
 from tests.cli.test_resume import num_records
 from tests.conftest import REPO, areal_cli, cli_env
-from workflows.stats import read_stats
+from workflows.metrics.stats import read_stats
 
 STEPS = 6
 

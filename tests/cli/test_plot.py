@@ -6,7 +6,7 @@ import subprocess
 import matplotlib.image
 
 from tests.conftest import REPO, areal_cli, cli_env
-from workflows.plots import PANELS, curve, run_label
+from workflows.metrics.plots import PANELS, curve, run_label
 
 
 def write_run(run_dir, records):

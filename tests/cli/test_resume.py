@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from tests.cli.test_train_smoke import SIGNAL
 from tests.conftest import REPO, areal_cli, cli_env
-from workflows.recover import read_recover_info
-from workflows.stats import read_stats
+from workflows.metrics.stats import read_stats
+from workflows.training.recover import read_recover_info
 
 
 def command(run_dir, gsm8k_dir, *overrides):

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, areal_cli, cli_env
-from workflows.recover import is_complete
-from workflows.stats import read_stats
+from workflows.metrics.stats import read_stats
+from workflows.training.recover import is_complete
 
 STOP_BOUND_S = 30.0  # the promise: a signal to exit
 

@@ -11,7 +11,7 @@ import pytest
 from tests.cli.test_resume import command
 from tests.cli.test_train_smoke import SIGNAL
 from tests.conftest import REPO, cli_env
-from workflows.stats import read_stats
+from workflows.metrics.stats import read_stats
 
 WANDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log of 32 KiB blocks
 

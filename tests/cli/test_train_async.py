@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO, areal_cli, cli_env
-from workflows.stats import read_stats
+from workflows.metrics.stats import read_stats
 
 # See test_train_smoke.py: a constant baseline makes every token's advantage non-zero
 # with a random model; a KL term makes later losses depend on the sampled tokens.

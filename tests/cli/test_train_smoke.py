@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from tests.conftest import REPO, areal_cli, cli_env
-from workflows.stats import read_stats
+from workflows.metrics.stats import read_stats
 
 # REINFORCE with a constant baseline gives every token a non-zero advantage even when a
 # random model never answers correctly, so the update (and its numerics) is non-trivial;

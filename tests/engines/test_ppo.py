@@ -82,7 +82,7 @@ def test_overlong_penalty_by_hand():
 
 
 def test_has_reward_variance():
-    from workflows.rlvr import has_reward_variance
+    from workflows.rollout.rlvr import has_reward_variance
 
     assert not has_reward_variance({"rewards": torch.tensor([0.0, 0.0, 0.0])})
     assert not has_reward_variance({"rewards": torch.tensor([1.0, 1.0])})

@@ -242,7 +242,7 @@ def test_weight_sync_agreement_compares_every_server_with_the_trainer(servers, t
 
     from engines.config import ActorConfig
     from engines.train_engine import TrainEngine
-    from workflows.rollouts import weight_sync_agreement
+    from workflows.control_plane.rollouts import weight_sync_agreement
 
     trainer = TrainEngine(ActorConfig(), tiny_model, total_steps=1, max_sequence_tokens=64, temperature=1.0)
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 0, 0]])

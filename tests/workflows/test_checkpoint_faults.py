@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows.recover import (
+from workflows.training.recover import (
     META_FILE,
     CheckpointWriteError,
     CorruptCheckpointError,

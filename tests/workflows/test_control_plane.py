@@ -4,9 +4,9 @@ colocated control plane's record / acknowledge / restore cycle."""
 import pytest
 import torch
 
-from workflows.control_plane import resolve_control_plane, sample_ref
-from workflows.metadata import InMemoryMetadataStore, NoOpMetadataStore
-from workflows.sqlite_store import SQLiteMetadataStore
+from workflows.control_plane.metadata import InMemoryMetadataStore, NoOpMetadataStore
+from workflows.control_plane.modes import resolve_control_plane, sample_ref
+from workflows.control_plane.sqlite_store import SQLiteMetadataStore
 
 
 def trajectory(prompt_id, versions, epoch=0):

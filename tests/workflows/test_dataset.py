@@ -3,7 +3,7 @@ import json
 import pytest
 
 from workflows.config import DatasetConfig
-from workflows.dataset import PromptLoader, load_prompt_dataset, reference_answer
+from workflows.data.dataset import PromptLoader, load_prompt_dataset, reference_answer
 
 
 def test_reference_answer():
@@ -57,7 +57,7 @@ def test_parquet_directory(tmp_path, tokenizer):
 
 
 def test_loader_reshuffles_each_epoch_reproducibly():
-    from workflows.dataset import PromptDataset
+    from workflows.data.dataset import PromptDataset
 
     data = PromptDataset(rows=[{"id": i} for i in range(10)])
     a = PromptLoader(data, batch_size=3, shuffle=True, seed=5)
@@ -75,14 +75,14 @@ def test_loader_reshuffles_each_epoch_reproducibly():
 
 @pytest.fixture
 def hub_offline(monkeypatch):
-    import workflows.dataset
+    import workflows.data.dataset
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(workflows.dataset, "_warned_packaged", set())
+    monkeypatch.setattr(workflows.data.dataset, "_warned_packaged", set())
 
 
 def test_shipped_gsm8k_is_the_real_one(gsm8k_dir):
-    from workflows.dataset import PACKAGED_DATASETS
+    from workflows.data.dataset import PACKAGED_DATASETS
 
     shipped = PACKAGED_DATASETS["openai/gsm8k"]
     for name in ("train.jsonl", "test.jsonl", "LICENSE"):
@@ -91,11 +91,11 @@ def test_shipped_gsm8k_is_the_real_one(gsm8k_dir):
 
 
 def test_hub_id_falls_back_to_the_shipped_copy_with_one_warning(hub_offline, gsm8k_dir, tokenizer, caplog):
-    from workflows.dataset import load_raw_split
+    from workflows.data.dataset import load_raw_split
 
     cfg = DatasetConfig()  # the default: path=openai/gsm8k, name=main
     assert cfg.path == "openai/gsm8k"
-    with caplog.at_level("WARNING", logger="workflows.dataset"):
+    with caplog.at_level("WARNING", logger="workflows.data.dataset"):
         shipped = load_prompt_dataset(DatasetConfig(split="test"), tokenizer)
         assert len(load_raw_split(cfg, "train")) == 7473  # the train split too; no second warning
     local = load_prompt_dataset(DatasetConfig(path=str(gsm8k_dir), split="test"), tokenizer)
@@ -106,7 +106,7 @@ def test_hub_id_falls_back_to_the_shipped_copy_with_one_warning(hub_offline, gsm
 
 def test_unreachable_hub_id_without_a_copy_names_the_key_and_the_fix(hub_offline):
     from engines.hub import HubUnreachableError
-    from workflows.dataset import load_raw_split
+    from workflows.data.dataset import load_raw_split
 
     for cfg in (DatasetConfig(path="nobody-here/no-such-data"), DatasetConfig(name="socratic")):
         with pytest.raises(HubUnreachableError) as info:
@@ -120,16 +120,16 @@ def test_a_dataset_the_reachable_hub_does_not_serve_is_one_line(monkeypatch):
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
-    import workflows.dataset
+    import workflows.data.dataset
     from engines.hub import HubError, HubUnreachableError
 
     def load_dataset(path, name=None, split=None):
         raise DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
 
-    monkeypatch.setattr(workflows.dataset, "hub_reachable", lambda: True)
+    monkeypatch.setattr(workflows.data.dataset, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     with pytest.raises(HubError) as info:
-        workflows.dataset.load_raw_split(DatasetConfig(path="nobody-here/no-such-data"), "train")
+        workflows.data.dataset.load_raw_split(DatasetConfig(path="nobody-here/no-such-data"), "train")
     assert not isinstance(info.value, HubUnreachableError)
     assert str(info.value) == (
         "dataset.path='nobody-here/no-such-data': the Hugging Face hub has no such repository or refuses access "

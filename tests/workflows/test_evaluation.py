@@ -8,8 +8,9 @@ import pytest
 
 from engines.config import GenerationConfig
 from engines.inference import GenerationResponse
-from workflows.evaluation import evaluate_rows, held_out_rows, pass_at_k, summarize
-from workflows.reward import RewardScorer
+from workflows.rollout.reward import RewardScorer
+from workflows.data.dataset import held_out_rows
+from workflows.training.evaluation import evaluate_rows, pass_at_k, summarize
 
 
 @pytest.mark.parametrize(

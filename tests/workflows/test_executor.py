@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from workflows.batch import concat_padded_tensors, oldest_version, staleness_stats
 from workflows.config import RolloutConfig
-from workflows.executor import WorkflowExecutor
-from workflows.rollout_failures import RolloutFailureError
-from workflows.task_runner import TaskQueueFullError
+from workflows.controller.executor import WorkflowExecutor
+from workflows.controller.failures import RolloutFailureError
+from workflows.controller.task_runner import TaskQueueFullError
+from workflows.rollout.batch import concat_padded_tensors, oldest_version, staleness_stats
 
 PROMPT_LEN = 3
 NUM_SAMPLES = 2  # samples per episode (a GRPO group)
@@ -468,7 +468,7 @@ class EmptyGroupWorkflow:
 
     def __init__(self) -> None:
         from engines.config import GenerationConfig
-        from workflows.rlvr import RLVRWorkflow
+        from workflows.rollout.rlvr import RLVRWorkflow
 
         class Tokenizer:
             pad_token_id = 0

@@ -6,14 +6,14 @@ import multiprocessing
 import pytest
 import torch
 
-from workflows.metadata import (
+from workflows.control_plane.metadata import (
     InMemoryMetadataStore,
     NoOpMetadataStore,
     SampleRef,
     StaleWriterError,
     sample_id_of,
 )
-from workflows.sqlite_store import SQLiteMetadataStore
+from workflows.control_plane.sqlite_store import SQLiteMetadataStore
 
 
 def ref(prompt_id, version=0, epoch=0, worker=0):

@@ -4,7 +4,7 @@ that is a different draw, and clear errors for an unknown task."""
 import pytest
 
 from workflows.config import DatasetConfig
-from workflows.dataset import load_prompt_dataset, procedural_split
+from workflows.data.dataset import load_prompt_dataset, procedural_split
 
 pytest.importorskip("reasoning_gym")
 

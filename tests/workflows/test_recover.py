@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from workflows.dataset import PromptDataset, PromptLoader, TrainedPrompts
-from workflows.recover import (
+from workflows.data.dataset import PromptDataset, PromptLoader, TrainedPrompts
+from workflows.training.recover import (
     RecoverInfo,
     atomic_directory,
     capture_rng_state,

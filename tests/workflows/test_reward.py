@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from workflows.reward import RewardScorer
+from workflows.rollout.reward import RewardScorer
 
 
 def slow_reward(completion: str, reference: str) -> float:
@@ -67,7 +67,7 @@ def test_errors_score_zero_and_pool_survives():
 def test_reward_formats_close_the_restated_question_loophole():
     """math-verify evaluates an expression: restating "74 + 30 =" scores 1.0 under `any`,
     which a first arith_grpo run learned to exploit; `number` takes only a written number."""
-    from workflows.reward import boxed_math_verify_reward, final_number_reward, math_verify_reward
+    from workflows.rollout.reward import boxed_math_verify_reward, final_number_reward, math_verify_reward
 
     assert math_verify_reward("74 + 30 =", "104") == 1.0  # the loophole
     assert final_number_reward("74 + 30 =", "104") == 0.0
@@ -91,7 +91,7 @@ def faulty_reward(completion: str, reference: str) -> float:
         os._exit(3)
     if completion == "segfault":
         ctypes.string_at(0)  # reads address 0: SIGSEGV
-    from workflows.reward import math_verify_reward
+    from workflows.rollout.reward import math_verify_reward
 
     return math_verify_reward(completion, reference)
 

@@ -5,8 +5,8 @@ import torch
 
 from engines.config import GenerationConfig
 from engines.inference import LocalInferenceEngine
-from workflows.reward import RewardScorer
-from workflows.rlvr import RLVRWorkflow
+from workflows.rollout.reward import RewardScorer
+from workflows.rollout.rlvr import RLVRWorkflow
 
 
 @pytest.fixture(scope="module")

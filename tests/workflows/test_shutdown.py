@@ -1,4 +1,4 @@
-"""workflows/shutdown.py: SIGINT / SIGTERM become RunInterrupted, deferred blocks finish
+"""workflows/training/shutdown.py: SIGINT / SIGTERM become RunInterrupted, deferred blocks finish
 first, and a stop that hangs is forced. Each case runs in a small Python subprocess (the
 handlers are process-wide), which imports only the standard library."""
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, cli_env
-from workflows.shutdown import RunInterrupted
+from workflows.training.shutdown import RunInterrupted
 
 
 def run_script(body: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
-    script = "import os, signal, sys, time\nfrom workflows import shutdown\n" + textwrap.dedent(body)
+    script = "import os, signal, sys, time\nfrom workflows.training import shutdown\n" + textwrap.dedent(body)
     t0 = time.monotonic()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=timeout)
     return result, time.monotonic() - t0
@@ -120,8 +120,8 @@ def test_resume_hint():
 SAVE_SCRIPT = """
 import json, os, signal, sys, time
 from pathlib import Path
-from workflows import shutdown
-from workflows.recover import RecoverInfo, find_recover_checkpoint, read_recover_info, save_recover_checkpoint
+from workflows.training import shutdown
+from workflows.training.recover import RecoverInfo, find_recover_checkpoint, read_recover_info, save_recover_checkpoint
 
 class Engine:  # writes what a TrainEngine writes; the signal comes in the middle
     def __init__(self, signal_during_save, then_block):
@@ -159,7 +159,7 @@ def test_a_recover_checkpoint_being_written_is_completed_before_the_stop(tmp_pat
 
 
 def test_a_recover_checkpoint_cut_short_by_a_forced_exit_leaves_the_previous_one(tmp_path):
-    from workflows.recover import find_recover_checkpoint, read_recover_info, remove_stale_temporaries
+    from workflows.training.recover import find_recover_checkpoint, read_recover_info, remove_stale_temporaries
 
     result = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(tmp_path), "block"], capture_output=True, text=True,
                             cwd=REPO, env=cli_env(), timeout=30)

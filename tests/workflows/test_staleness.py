@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from workflows.staleness import RolloutStats, StalenessManager
+from workflows.controller.staleness import RolloutStats, StalenessManager
 
 
 def make_manager(*, max_concurrent: int = 8, batch: int = 4, offpolicy: int = 0, version: int = 0) -> StalenessManager:

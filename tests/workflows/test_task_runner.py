@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from workflows.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult
+from workflows.controller.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult
 
 
 async def sleep_then(value, delay: float = 0.0):
@@ -129,7 +129,7 @@ def test_full_input_queue_raises_named_error():
 
 
 def test_failing_task_becomes_a_logged_counted_result(runner, caplog):
-    caplog.set_level(logging.WARNING, logger="workflows.task_runner")
+    caplog.set_level(logging.WARNING, logger="workflows.controller.task_runner")
     runner.submit(fail, "boom", task_id="bad")
     runner.submit(sleep_then, "fine", 0.05)
     bad, fine = runner.wait(2, timeout=5)
@@ -142,7 +142,7 @@ def test_failing_task_becomes_a_logged_counted_result(runner, caplog):
 
 def test_a_repeated_error_is_logged_in_full_once(runner, caplog):
     """Rollouts that all fail the same way must not fill the log with one traceback each."""
-    caplog.set_level(logging.WARNING, logger="workflows.task_runner")
+    caplog.set_level(logging.WARNING, logger="workflows.controller.task_runner")
     for _ in range(5):
         runner.submit(fail, "same")
     runner.submit(fail, "other")

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from workflows.trainer import logprob_agreement
+from workflows.training.trainer import logprob_agreement
 
 
 def test_logprob_agreement_covers_fresh_trained_tokens_only():

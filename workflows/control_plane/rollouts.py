@@ -1,6 +1,6 @@
 """Where the trainer's batches come from, and where its new weights go, per deployment mode.
 
-The trainer loop (workflows/trainer.py) asks its rollouts for a batch, trains it,
+The trainer loop (workflows/training/trainer.py) asks its rollouts for a batch, trains it,
 acknowledges it through the control plane, and hands the new weights back:
 
     batch, info = rollouts.next_batch()          # [B*n, L] tensors, as the executor returns them
@@ -8,9 +8,9 @@ acknowledges it through the control plane, and hands the new weights back:
     info = rollouts.update_weights(engine, step, batch)
 
 - `ColocatedRollouts` (local_colocated, dataflow_colocated): the rollout controller
-  (workflows/executor.py) runs in this process over an inference engine (in-process or
+  (workflows/controller/executor.py) runs in this process over an inference engine (in-process or
   servers); the control plane records each batch's refs.
-- `DisaggregatedRollouts`: rollout workers (workflows/rollout_worker.py) run the same
+- `DisaggregatedRollouts`: rollout workers (workflows/control_plane/rollout_worker.py) run the same
   controller in their own processes and commit refs to the shared SQLite store; this
   side leases the oldest fresh refs, reads their safetensors files, expires any staler
   than `rollout.max_head_offpolicyness`, and publishes weights as versioned directories
@@ -29,9 +29,9 @@ from typing import Any, Optional, Protocol
 import torch
 
 from engines.weights import publish_weights
-from workflows.batch import concat_padded_tensors
-from workflows.control_plane import ControlPlane
-from workflows.samples import read_sample
+from workflows.control_plane.modes import ControlPlane
+from workflows.control_plane.samples import read_sample
+from workflows.rollout.batch import concat_padded_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class RolloutWorkers:
         self.restarts = 0
 
     def _start(self, index: int) -> Any:
-        argv = [sys.executable, "-m", "workflows.rollout_worker", str(self.run_dir / "config.yaml")]
+        argv = [sys.executable, "-m", "workflows.control_plane.rollout_worker", str(self.run_dir / "config.yaml")]
         env = {WORKER_ENV: f"{index}/{self.count}", TRAINER_PID_ENV: str(os.getpid())}
         return self.launcher.start(index, argv, env)
 

@@ -26,16 +26,16 @@ from typing import Optional
 
 import torch
 
-from workflows.batch import oldest_version
 from workflows.config import DEPLOYMENT_MODES, METADATA_STORES
-from workflows.metadata import (
+from workflows.control_plane.metadata import (
     InMemoryMetadataStore,
     MetadataStore,
     NoOpMetadataStore,
     SampleRef,
     sample_id_of,
 )
-from workflows.sqlite_store import SQLiteMetadataStore
+from workflows.control_plane.sqlite_store import SQLiteMetadataStore
+from workflows.rollout.batch import oldest_version
 
 _DEFAULT_STORE = {"local_colocated": "noop", "dataflow_colocated": "sqlite", "disaggregated": "sqlite"}
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engines.inference import GenerationRequest
+from workflows.build import sampling_seed
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,14 +44,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def held_out_rows(eval_rows: list[dict], train_rows: list[dict]) -> tuple[list[dict], int]:
-    """`eval_rows` without any whose question is also a training question; and how many
-    were dropped."""
-    seen = {row["question"] for row in train_rows}
-    kept = [row for row in eval_rows if row["question"] not in seen]
-    return kept, len(eval_rows) - len(kept)
 
 
 async def _evaluate_prompt(engine, scorer, tokenizer, row: dict, gconfig, n_samples: int, seed: Optional[int]) -> dict:
@@ -129,7 +122,7 @@ def run_evaluation(executor, inference, scorer, tokenizer, rows: list[dict], cfg
         inference, scorer, tokenizer, rows, cfg.gconfig, n_samples=e.n_samples, pass_k=list(e.pass_k),
         # Evaluation has no staleness bound: as many prompts at once as a generate batch holds.
         concurrency=max(cfg.rollout.max_concurrent_rollouts, cfg.gconfig.max_batch_size),
-        seed=cfg.seed if cfg.actor.deterministic else None,
+        seed=sampling_seed(cfg),
         on_prompt=advance,
     )
     try:
@@ -147,22 +140,19 @@ def evaluate_model(cfg) -> tuple[dict, Path]:
 
     from engines.distributed import DistributedContext
     from engines.model import load_model
-    from workflows.dataset import load_prompt_dataset
-    from workflows.executor import WorkflowExecutor
-    from workflows.reward import build_scorer
-    from workflows.run import build_inference, close_inference, prepare_process
+    from workflows.build import build_executor, build_inference, build_scorer, close_inference, prepare_process
+    from workflows.data.dataset import load_eval_rows
 
     run_dir = cfg.resolved_run_dir()
     model_dir, tokenizer = prepare_process(cfg)
-    rows, _ = held_out_rows(load_prompt_dataset(cfg.dataset, tokenizer, split=cfg.dataset.eval_split).rows,
-                            load_prompt_dataset(cfg.dataset, tokenizer).rows)
-    rows = rows[: cfg.dataset.max_eval_samples]
+    rows, _ = load_eval_rows(cfg.dataset, tokenizer)
     policy = load_model(cfg.model, model_dir, seed=cfg.seed)
-    inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, DistributedContext())
+    inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, DistributedContext(),
+                                         trains_policy=False)
     scorer = executor = None
     try:
-        scorer = build_scorer(cfg.rollout)
-        executor = WorkflowExecutor(cfg.rollout, inference, consumer_batch_size=1)
+        scorer = build_scorer(cfg)
+        executor = build_executor(cfg, inference, consumer_batch_size=1)
         executor.initialize()
         progress = Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             transient=True)

@@ -1,7 +1,7 @@
 """Experiment trackers: TensorBoard and Weights & Biases, beside the console and stats.jsonl.
 
 `stats_logger.backends` picks any of `console`, `jsonl`, `tensorboard`, `wandb`; each
-step's record goes to all of them (workflows/stats.py fans it out). Both trackers get the
+step's record goes to all of them (workflows/metrics/stats.py fans it out). Both trackers get the
 record's numeric values as scalars at the record's `step`:
 
 - TensorBoard: torch's `SummaryWriter`, event files in `<run_dir>/tensorboard/`

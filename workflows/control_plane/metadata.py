@@ -19,7 +19,7 @@ Three stores share the interface (`MetadataStore`):
   what was trained). In exchange it costs a function call per operation.
 - `InMemoryMetadataStore`: the full semantics in one process's memory (tests, and a
   colocated run that wants deduplication and counts without a file).
-- `SQLiteMetadataStore` (workflows/sqlite_store.py): the same semantics in a SQLite
+- `SQLiteMetadataStore` (workflows/control_plane/sqlite_store.py): the same semantics in a SQLite
   file in WAL mode, one transaction per commit or ack batch, shared by processes on one
   machine (the trainer and its rollout workers).
 """

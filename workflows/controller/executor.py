@@ -22,7 +22,7 @@ by `wait` / `prepare_batch` / `rollout_batch` satisfies
 generation as possible, ready trajectories are handed out oldest version first.
 
 No hang: rollouts that keep failing would otherwise be replaced by new ones forever. Once
-too many fail, in a row or as a share of the recent ones (`workflows/rollout_failures.py`
+too many fail, in a row or as a share of the recent ones (`workflows/controller/failures.py`
 decides), the executor starts no more and `wait` / `prepare_batch` / `rollout_batch`
 raise `RolloutFailureError`, naming the count, the reasons and the last error.
 
@@ -39,35 +39,21 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from workflows.batch import concat_padded_tensors, oldest_version
+from workflows.api import AcceptFn, RolloutWorkflow, Trajectory
 from workflows.config import RolloutConfig
-from workflows.rollout_failures import FailureTracker, RolloutFailureError
-from workflows.staleness import RolloutStats, StalenessManager
-from workflows.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult
+from workflows.controller.failures import FailureTracker, RolloutFailureError
+from workflows.controller.staleness import RolloutStats, StalenessManager
+from workflows.controller.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult
+from workflows.rollout.batch import concat_padded_tensors, oldest_version
 
 logger = logging.getLogger(__name__)
-
-Trajectory = dict[str, torch.Tensor]
-AcceptFn = Callable[[Trajectory], bool]
-
-
-class RolloutWorkflow(Protocol):
-    """What the controller runs: one episode (a prompt group) per call.
-
-    The returned trajectory has tensors with leading dim `n` (samples of the episode):
-    `input_ids [n, L]` long, `attention_mask [n, L]`, `loss_mask [n, L]`,
-    `logprobs [n, L]` float32, `versions [n, L]` long (-1 on prompt tokens), `rewards [n]`
-    float32. Returning None rejects the episode.
-    """
-
-    async def arun_episode(self, engine: Any, data: dict) -> Trajectory | None: ...
 
 
 @dataclass

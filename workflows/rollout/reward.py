@@ -71,13 +71,7 @@ def final_number_reward(completion: str, reference: str) -> float:
 
 
 # rollout.reward_format -> the reward function (top-level, so worker processes can import it)
-REWARD_FORMATS = {"any": math_verify_reward, "boxed": boxed_math_verify_reward, "number": final_number_reward}
-
-
-def build_scorer(rollout) -> "RewardScorer":
-    """The reward scorer of `rollout.*` (reward_format, reward_workers, reward_timeout)."""
-    return RewardScorer(num_workers=rollout.reward_workers, timeout=rollout.reward_timeout,
-                        reward_fn=REWARD_FORMATS[rollout.reward_format])
+REWARD_FUNCTIONS = {"any": math_verify_reward, "boxed": boxed_math_verify_reward, "number": final_number_reward}
 
 
 def _init_worker() -> None:

@@ -1,9 +1,9 @@
 """The parts of one training run: built from config, restored from a recover checkpoint
 (or reset for a fresh start), and closed.
 
-`workflows/trainer.py` drives the loop over these parts; this module decides what they are
+`workflows/training/trainer.py` drives the loop over these parts; this module decides what they are
 (`build_run`), where the loop starts (`find_resume_point`, `restore_or_reset`) and how they
-stop (`close_run`). Crash recovery itself (the checkpoint format) is workflows/recover.py.
+stop (`close_run`). Crash recovery itself (the checkpoint format) is workflows/training/recover.py.
 """
 
 from __future__ import annotations
@@ -17,20 +17,29 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from areal_cli.config import ExperimentConfig, to_yaml
 from engines.distributed import DistributedContext
-from engines.factories import setup_cpu_threads, setup_deterministic_mode, setup_malloc
 from engines.inference import LocalInferenceEngine
-from engines.model import load_model, load_tokenizer, resolve_model_dir
+from engines.model import load_model
 from engines.remote import RemoteInferenceEngine
-from engines.servers import ServerGroup, find_server_python, start_servers
+from engines.servers import ServerGroup
 from engines.train_engine import TrainEngine
-from engines.weights import publish_weights
-from workflows.control_plane import ControlPlane, resolve_control_plane
-from workflows.dataset import PromptLoader, TrainedPrompts, load_prompt_dataset
-from workflows.evaluation import held_out_rows
-from workflows.executor import WorkflowExecutor
-from workflows.recover import (
+from workflows.build import (
+    build_executor,
+    build_inference,
+    build_scorer,
+    build_workflow,
+    close_inference,
+    prepare_process,
+)
+from workflows.config import ExperimentConfig, to_yaml
+from workflows.control_plane.modes import ControlPlane, resolve_control_plane
+from workflows.control_plane.rollouts import ColocatedRollouts, DisaggregatedRollouts, RolloutWorkers, WorkerLauncher
+from workflows.controller.executor import WorkflowExecutor
+from workflows.data.dataset import PromptLoader, TrainedPrompts, load_eval_rows, load_prompt_dataset
+from workflows.metrics.stats import NullStatsLogger, StatsLogger
+from workflows.rollout.reward import RewardScorer
+from workflows.rollout.rlvr import RLVRWorkflow
+from workflows.training.recover import (
     CorruptCheckpointError,
     drop_trajectory_dumps,
     find_recover_checkpoint,
@@ -39,10 +48,6 @@ from workflows.recover import (
     remove_stale_temporaries,
     truncate_records,
 )
-from workflows.reward import RewardScorer, build_scorer
-from workflows.rlvr import RLVRWorkflow, has_reward_variance
-from workflows.rollouts import ColocatedRollouts, DisaggregatedRollouts, RolloutWorkers, WorkerLauncher
-from workflows.stats import NullStatsLogger, StatsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -129,27 +134,16 @@ def build_stats_logger(cfg: ExperimentConfig, run_dir: Path) -> StatsLogger:
     s = cfg.stats_logger
     trackers = []
     if "tensorboard" in s.backends:
-        from workflows.trackers import TensorBoardTracker
+        from workflows.metrics.trackers import TensorBoardTracker
 
         trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
     if "wandb" in s.backends:
-        from workflows.trackers import WandbTracker
+        from workflows.metrics.trackers import WandbTracker
 
         trackers.append(WandbTracker(run_dir, project=s.wandb_project, name=f"{cfg.experiment_name}/{cfg.trial_name}",
                                      mode=s.wandb_mode, config=asdict(cfg)))
     return StatsLogger(run_dir / s.file_name if "jsonl" in s.backends else None,
                        print_every=s.print_every if "console" in s.backends else 0, trackers=trackers)
-
-
-def prepare_process(cfg: ExperimentConfig) -> tuple[Path, object]:
-    """What every process that holds a model sets up first (the trainer, `areal eval`, a
-    rollout worker): seeds and deterministic kernels, torch's threads, the allocator;
-    then the model directory (downloaded or converted once) and its tokenizer."""
-    setup_deterministic_mode(cfg.seed, cfg.actor.deterministic)
-    setup_cpu_threads()
-    setup_malloc()
-    model_dir = resolve_model_dir(cfg.model.path, Path(cfg.cache_dir) if cfg.cache_dir else None)
-    return model_dir, load_tokenizer(model_dir)
 
 
 def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launcher: Optional[WorkerLauncher] = None) -> Run:
@@ -182,10 +176,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
     total_steps = cfg.trainer.total_steps or cfg.trainer.total_epochs * loader.steps_per_epoch()
     eval_rows: list[dict] = []
     if cfg.trainer.eval_freq_steps > 0 and dist_ctx.is_main:
-        eval_rows, overlap = held_out_rows(
-            load_prompt_dataset(cfg.dataset, tokenizer, split=cfg.dataset.eval_split).rows, train_data.rows
-        )
-        eval_rows = eval_rows[: cfg.dataset.max_eval_samples]
+        eval_rows, overlap = load_eval_rows(cfg.dataset, tokenizer, train_rows=train_data.rows)
         stats_logger.info(f"evaluation: {len(eval_rows)} held-out prompts of {cfg.dataset.eval_split}"
                           + (f" ({overlap} also in the training split left out)" if overlap else ""))
 
@@ -216,17 +207,11 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
                 max_head_offpolicyness=cfg.rollout.max_head_offpolicyness, total_steps=total_steps,
             )
         else:
-            scorer = build_scorer(cfg.rollout)
-            sampling_seed = cfg.seed if cfg.actor.deterministic else None
-            workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed)
+            scorer = build_scorer(cfg)
+            workflow = build_workflow(cfg, tokenizer, scorer)
             dump_dir = run_dir / "trajectories" if cfg.rollout.dump_trajectories and dist_ctx.is_main else None
-            executor = WorkflowExecutor(
-                cfg.rollout,
-                inference,
-                consumer_batch_size=None if cfg.rollout.consumer_batch_size else loader.local_batch_size,
-                trajectory_dump_dir=dump_dir,
-                group_filter=has_reward_variance if cfg.actor.dynamic_sampling else None,
-            )
+            executor = build_executor(cfg, inference, trajectory_dump_dir=dump_dir,
+                                      consumer_batch_size=cfg.rollout.consumer_batch_size or loader.local_batch_size)
             rollouts = ColocatedRollouts(executor, loader, workflow, inference, control, cfg.gconfig.temperature)
     except BaseException:
         try:
@@ -245,62 +230,6 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
         inference=inference, servers=servers, engine=engine, scorer=scorer, workflow=workflow, executor=executor,
         dump_dir=dump_dir, control=control, rollouts=rollouts,
     )
-
-
-def build_inference(
-    cfg: ExperimentConfig, policy, tokenizer, model_dir: Path, run_dir: Path, dist_ctx: DistributedContext
-) -> tuple[LocalInferenceEngine | RemoteInferenceEngine, Optional[ServerGroup]]:
-    """The rollouts' inference engine per `rollout.backend`, and the servers it started.
-
-    local: the policy itself, or a private copy of it when generation overlaps training.
-    vllm / sglang: the policy is published as version 0 under `<run_dir>/weights/` and
-    `rollout.servers` servers are started from it (their logs in `<run_dir>/logs/`), or
-    the listed running servers are attached to.
-    """
-    r = cfg.rollout
-    if r.backend == "local":
-        # With staleness > 0 generation runs while the trainer updates the policy, so the
-        # sampler needs its own copy (it must never read half-updated weights). Synchronous
-        # RL never overlaps the two, and the sampler decodes from the policy itself: one
-        # model's worth of memory less.
-        overlap = r.max_head_offpolicyness > 0
-        return LocalInferenceEngine(
-            copy.deepcopy(policy) if overlap else policy,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            max_batch_size=cfg.gconfig.max_batch_size,
-            shares_weights=not overlap,
-        ), None
-    from engines.remote_sglang import RemoteSGLangEngine
-    from engines.remote_vllm import RemoteVLLMEngine
-
-    weights_dir = run_dir / "weights" / f"rank{dist_ctx.rank}"
-    servers = None
-    if isinstance(r.servers, int):
-        python = find_server_python(r.backend, r.server_python)
-        initial = publish_weights(policy, weights_dir, version=0)
-        servers = start_servers(
-            r.backend, r.servers, initial, model_dir, run_dir / "logs", python=python,
-            max_model_len=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens + 1,
-            dtype=r.server_dtype or cfg.model.dtype,
-            extra_args=list(r.server_args), startup_timeout=r.server_startup_timeout,
-        )
-        addresses = servers.addresses
-    else:
-        addresses = list(r.servers)
-    client = {"vllm": RemoteVLLMEngine, "sglang": RemoteSGLangEngine}[r.backend]
-    return client(
-        addresses, weights_dir=weights_dir, request_timeout=r.request_timeout, max_retries=r.request_retries,
-        interruptible=r.interruptible_generation,
-    ), servers
-
-
-def close_inference(inference, servers: Optional[ServerGroup]) -> None:
-    try:
-        inference.destroy()
-    finally:
-        if servers is not None:
-            servers.stop()
 
 
 def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:

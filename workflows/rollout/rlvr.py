@@ -9,7 +9,7 @@ import torch
 
 from engines.config import GenerationConfig
 from engines.inference import GenerationRequest, GenerationResponse, InferenceEngine
-from workflows.reward import RewardScorer
+from workflows.rollout.reward import RewardScorer
 
 
 class RLVRWorkflow:

@@ -11,7 +11,7 @@ wherever it is; the `finally` blocks on the way out destroy the rollout thread, 
 inference worker and the reward process pool. Inside `deferred_stop` the signal is only
 recorded and raised when the block ends, so a step's stats record and its checkpoints are
 written completely or not at all (recover checkpoints are atomic in any case, see
-workflows/recover.py). A second signal, or a stop still running `FORCE_EXIT_AFTER`
+workflows/training/recover.py). A second signal, or a stop still running `FORCE_EXIT_AFTER`
 seconds after the first, kills the child processes and exits at once with the same
 status, so no stop takes longer than that, whatever blocks.
 

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from workflows.stats import read_stats
+from workflows.metrics.stats import read_stats
 
 # (stats key, panel title)
 PANELS = (

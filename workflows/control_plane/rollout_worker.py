@@ -1,9 +1,9 @@
 """A disaggregated rollout worker: the rollout controller in a process of its own.
 
-    python -m workflows.rollout_worker <run_dir>/config.yaml     # started by the trainer
+    python -m workflows.control_plane.rollout_worker <run_dir>/config.yaml     # started by the trainer
 
 With `deployment_mode=disaggregated rollout.workers=N` the trainer starts N of these
-(workflows/rollouts.py, through the launchers' executor) with `AREAL_ROLLOUT_WORKER=i/N`.
+(workflows/control_plane/rollouts.py, through the launchers' executor) with `AREAL_ROLLOUT_WORKER=i/N`.
 Worker i generates shard i of every global batch (rows `i::N`, as a data-parallel rank
 would) with the same `WorkflowExecutor`, workflow and inference backend a colocated run
 uses, and for each finished prompt group writes a safetensors file and commits its ref
@@ -32,21 +32,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-from areal_cli.config import ExperimentConfig, from_yaml
 from engines.distributed import DistributedContext
-from engines.inference import LocalInferenceEngine
 from engines.model import load_model
 from engines.weights import latest_version, load_published
-from workflows.control_plane import sample_ref, samples_dir, store_path
-from workflows.dataset import PromptLoader, load_prompt_dataset
-from workflows.executor import WorkflowExecutor
-from workflows.metadata import StaleWriterError, sample_id_of
-from workflows.reward import build_scorer
-from workflows.rlvr import RLVRWorkflow, has_reward_variance
-from workflows.rollouts import TRAINER_PID_ENV, WORKER_ENV, weights_root
-from workflows.run import build_inference, prepare_process
-from workflows.samples import write_sample
-from workflows.sqlite_store import SQLiteMetadataStore
+from workflows.build import build_executor, build_inference, build_scorer, build_workflow, prepare_process
+from workflows.config import ExperimentConfig, from_yaml
+from workflows.control_plane.metadata import StaleWriterError, sample_id_of
+from workflows.control_plane.modes import sample_ref, samples_dir, store_path
+from workflows.control_plane.rollouts import TRAINER_PID_ENV, WORKER_ENV, weights_root
+from workflows.control_plane.samples import write_sample
+from workflows.control_plane.sqlite_store import SQLiteMetadataStore
+from workflows.data.dataset import PromptLoader, load_prompt_dataset
 
 logger = logging.getLogger("areal.rollout_worker")
 
@@ -107,20 +103,13 @@ def run_worker(cfg: ExperimentConfig, index: int, count: int, trainer_pid: Optio
         raise SystemExit(f"no published weights in {published}; the trainer publishes them before starting workers")
 
     policy = load_model(cfg.model, model_dir, seed=cfg.seed)
-    servers = None
-    if cfg.rollout.backend == "local":
-        # A worker never trains: the sampler decodes from the model it loaded (no private
-        # copy), and weights reach it only through `update_weights`, between rollouts.
-        inference = LocalInferenceEngine(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                         max_batch_size=cfg.gconfig.max_batch_size, shares_weights=False)
-    else:
-        inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, DistributedContext(rank=index))
-    scorer = build_scorer(cfg.rollout)
-    workflow = RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer,
-                            seed=cfg.seed if cfg.actor.deterministic else None)
-    executor = WorkflowExecutor(replace(cfg.rollout, consumer_batch_size=None), inference,
-                                consumer_batch_size=loader.local_batch_size,
-                                group_filter=has_reward_variance if cfg.actor.dynamic_sampling else None)
+    # A worker never trains: weights reach its sampler only through `update_weights`,
+    # between rollouts.
+    inference, servers = build_inference(cfg, policy, tokenizer, model_dir, run_dir, DistributedContext(rank=index),
+                                         trains_policy=False)
+    scorer = build_scorer(cfg)
+    workflow = build_workflow(cfg, tokenizer, scorer)
+    executor = build_executor(cfg, inference, consumer_batch_size=loader.local_batch_size)
     try:
         _load_weights(inference, *found)
         delivered = store.refs()  # by every worker, before this one started
@@ -183,7 +172,7 @@ def run_worker(cfg: ExperimentConfig, index: int, count: int, trainer_pid: Optio
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m workflows.rollout_worker <run_dir>/config.yaml")
+        raise SystemExit("usage: python -m workflows.control_plane.rollout_worker <run_dir>/config.yaml")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     index, count = _worker_identity()
     pid = os.environ.get(TRAINER_PID_ENV)

@@ -4,7 +4,7 @@
 `console` (one line per step), `jsonl` (one JSON object per line in `stats.jsonl`,
 written and flushed before the next step starts, so a crashed run keeps every finished
 step's record; crash recovery rolls it back), `tensorboard` and `wandb`
-(workflows/trackers.py). Only rank 0 of a data-parallel job writes; other ranks get a
+(workflows/metrics/trackers.py). Only rank 0 of a data-parallel job writes; other ranks get a
 logger that does nothing.
 """
 
@@ -49,7 +49,7 @@ class StatsLogger:
         path: the JSONL file, or None for no file (`stats_logger.backends` without jsonl).
         print_every: steps between console lines (the last step is always printed);
             0 prints none (no `console` backend). Messages (`info`) are always printed.
-        trackers: objects with `log(record, step)` and `close()` (workflows/trackers.py).
+        trackers: objects with `log(record, step)` and `close()` (workflows/metrics/trackers.py).
     """
 
     def __init__(self, path: Optional[Path], *, console: Optional[Console] = None, print_every: int = 1,

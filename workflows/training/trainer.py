@@ -3,9 +3,9 @@
     areal train config=gsm8k_grpo trainer.total_steps=3
 
 The run's parts (model, data, sampler, trainer, reward, rollout controller) are built by
-`workflows/run.py`, which also restores them from a recover checkpoint. Each step
+`workflows/training/run.py`, which also restores them from a recover checkpoint. Each step
   1. takes `consumer_batch_size` scored prompt groups from the run's rollouts
-     (workflows/rollouts.py): the rollout controller (workflows/executor.py) in this
+     (workflows/control_plane/rollouts.py): the rollout controller (workflows/controller/executor.py) in this
      process, or rollout worker processes with `deployment_mode=disaggregated`; either
      keeps generating in the background within the staleness bound
      `rollout.max_head_offpolicyness` (0: synchronous RL);
@@ -13,14 +13,14 @@ The run's parts (model, data, sampler, trainer, reward, rollout controller) are 
   3. optionally recomputes proximal logprobs (decoupled PPO, AReaL);
   4. updates the policy with the clipped PPO objective (engines/train_engine.py), then
      acknowledges the batch's samples in the metadata store (durable deployment modes,
-     workflows/control_plane.py);
+     workflows/control_plane/modes.py);
   5. sends the new weights to the rollouts (in process: pause, copy, bump the policy
      version, resume; disaggregated: a published version directory);
   6. logs one stats record, and saves a Hugging Face checkpoint when due;
   7. saves a recover checkpoint when due (every `trainer.recover_freq_steps`, default
      `save_freq_steps`, and at the end).
 
-Crash recovery (workflows/recover.py): with `trainer.resume=true` (the default) a run
+Crash recovery (workflows/training/recover.py): with `trainer.resume=true` (the default) a run
 whose `<run_dir>/checkpoints/recover/` holds a complete recover checkpoint continues from
 it: weights, optimizer and LR schedule, policy version, RNG states and the data position
 (which prompts of which epoch have been trained) are restored, `stats.jsonl` and the
@@ -28,12 +28,12 @@ trajectory dumps are rolled back to the checkpoint, and no prompt is trained twi
 dropped, also in asynchronous mode. Each stats record lists the prompts its step trained
 (`prompt_ids`, with their epochs in `prompt_epochs`).
 
-Stopping (workflows/shutdown.py). SIGINT (Ctrl-C) or SIGTERM raises `RunInterrupted` in
+Stopping (workflows/training/shutdown.py). SIGINT (Ctrl-C) or SIGTERM raises `RunInterrupted` in
 the training thread; the rollout thread, the inference worker and the reward processes are
 shut down on the way out, and the exception carries the run directory and the step of the
 last recover checkpoint, from which a new start continues. A step's stats record and
 checkpoints are written whole or not at all (a signal meanwhile waits for them). If
-rollouts keep failing, `prepare_batch` raises `RolloutFailureError` (workflows/rollout_failures.py)
+rollouts keep failing, `prepare_batch` raises `RolloutFailureError` (workflows/controller/failures.py)
 and the run ends without saving anything, so the last recover checkpoint stays as it was.
 
 With `WORLD_SIZE > 1` (see `areal launch`) every rank runs this loop on its shard of each
@@ -55,23 +55,23 @@ import torch.distributed as dist
 import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from areal_cli.config import ExperimentConfig
 from engines.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engines.ppo import group_normalized_advantages, overlong_penalty
-from workflows.batch import staleness_stats
-from workflows.evaluation import run_evaluation, stats_of, write_report
-from workflows.recover import (
+from workflows.config import ExperimentConfig
+from workflows.control_plane.rollouts import WorkerLauncher
+from workflows.controller.failures import RolloutFailureError
+from workflows.metrics.stats import peak_rss_gb
+from workflows.rollout.batch import staleness_stats
+from workflows.training.evaluation import run_evaluation, stats_of, write_report
+from workflows.training.recover import (
     RecoverInfo,
     inject_fault_after,
     load_rng_state,
     save_checkpoint,
     save_recover_checkpoint,
 )
-from workflows.rollout_failures import RolloutFailureError
-from workflows.rollouts import WorkerLauncher
-from workflows.run import Run, build_run, close_run, find_resume_point, last_recover_step, restore_or_reset
-from workflows.shutdown import RunInterrupted, deferred_stop, stop_on_signals
-from workflows.stats import peak_rss_gb
+from workflows.training.run import Run, build_run, close_run, find_resume_point, last_recover_step, restore_or_reset
+from workflows.training.shutdown import RunInterrupted, deferred_stop, stop_on_signals
 
 logger = logging.getLogger(__name__)
 

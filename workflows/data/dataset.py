@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 INSTRUCTION = "Solve the problem step by step, then give the final answer as a number in \\boxed{}."
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # hub id -> the copy shipped as package data (its default config, "main"), read offline.
-PACKAGED_DATASETS = {"openai/gsm8k": Path(__file__).resolve().parent / "data" / "gsm8k"}
+PACKAGED_DATASETS = {"openai/gsm8k": Path(__file__).resolve().parent / "gsm8k"}
 _warned_packaged: set[str] = set()
 
 
@@ -61,7 +61,7 @@ def procedural_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
     draws problem i from seed `seed + i`, so the splits take seeds `task_seed` (train)
     and `task_seed + 2**31` (any other split): seed ranges that never overlap. A
     held-out question that the training split also drew by chance is left out of
-    evaluation (workflows/evaluation.py).
+    evaluation (workflows/training/evaluation.py).
 
     Raises:
         ImportError: reasoning-gym is not installed (`pip install reasoning-gym`).
@@ -169,6 +169,28 @@ def load_prompt_dataset(cfg: DatasetConfig, tokenizer, split: Optional[str] = No
             "GSM8K rows need a 'question' and an 'answer' ending in '#### <number>'"
         )
     return out
+
+
+def held_out_rows(eval_rows: list[dict], train_rows: list[dict]) -> tuple[list[dict], int]:
+    """`eval_rows` without any whose question is also a training question; and how many
+    were dropped."""
+    seen = {row["question"] for row in train_rows}
+    kept = [row for row in eval_rows if row["question"] not in seen]
+    return kept, len(eval_rows) - len(kept)
+
+
+def load_eval_rows(cfg: DatasetConfig, tokenizer, train_rows: Optional[list[dict]] = None) -> tuple[list[dict], int]:
+    """The held-out prompts of `cfg.eval_split` (at most `cfg.max_eval_samples`), none of
+    whose questions is in the training split; and how many were left out for that.
+    `train_rows` are the training split's rows when the caller has them loaded already.
+
+    Raises:
+        ValueError: a split has no usable row (see `load_prompt_dataset`).
+    """
+    if train_rows is None:
+        train_rows = load_prompt_dataset(cfg, tokenizer).rows
+    rows, overlap = held_out_rows(load_prompt_dataset(cfg, tokenizer, split=cfg.eval_split).rows, train_rows)
+    return rows[: cfg.max_eval_samples], overlap
 
 
 class TrainedPrompts:

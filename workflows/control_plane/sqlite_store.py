@@ -1,6 +1,6 @@
 """`SQLiteMetadataStore`: the metadata store of the durable deployment modes.
 
-The semantics are `workflows/metadata.py`'s (the in-memory store is the reference
+The semantics are `workflows/control_plane/metadata.py`'s (the in-memory store is the reference
 implementation, and tests/workflows/test_metadata.py runs the same cases on both). Here
 they live in one table of a SQLite file in WAL mode, so readers never block the writer
 and a committed transaction survives a crash of the process. Every operation that
@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from workflows.metadata import STATES, SampleRef, StaleWriterError, StoreStatus
+from workflows.control_plane.metadata import STATES, SampleRef, StaleWriterError, StoreStatus
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (

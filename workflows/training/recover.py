@@ -28,7 +28,7 @@ would silently discard the run's progress (`trainer.resume=false` does that on p
 Why no prompt is trained twice or dropped. The data position is the set of prompts whose
 gradient is in the saved weights: after each optimizer step the trainer adds the
 `(epoch, prompt_id)` of every trajectory it trained (gathered over all data-parallel
-ranks) to a `TrainedPrompts` (workflows/dataset.py), and the checkpoint stores it. It is
+ranks) to a `TrainedPrompts` (workflows/data/dataset.py), and the checkpoint stores it. It is
 deliberately not the loader's position: in asynchronous mode the rollout controller has
 pulled up to `max_head_offpolicyness` batches more than were trained, and those rollouts
 (pending, running or finished but not yet trained) die with the process. On resume the

@@ -1,0 +1,1 @@
+"""The rollout controller: WorkflowExecutor, AsyncTaskRunner, StalenessManager and failure accounting."""

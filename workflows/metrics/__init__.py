@@ -1,0 +1,1 @@
+"""Per-step statistics, trackers (TensorBoard, W&B) and plots."""
