@@ -3,6 +3,7 @@
     areal train config=gsm8k_grpo trainer.total_steps=3  # GSM8K from the hub, or the shipped copy
     areal train config=smoke                      # tiny model, 2 steps, CPU, < 1 minute
     areal config show config=gsm8k_grpo actor.optimizer.lr=1e-5
+    areal config show --doc config=smoke          # every key=value with its help and choices
     areal plot runs/gsm8k-grpo/trial0 [more runs...]  # curves.png of the runs' stats
 
 `config=NAME` picks `areal_cli/configs/NAME.yaml`; every other argument is a Hydra override
@@ -116,9 +117,17 @@ def plot(
 
 
 @config_app.command("show", context_settings=PASSTHROUGH)
-def config_show(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False)) -> None:
-    """Print the resolved config as YAML."""
+def config_show(
+    args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=False),
+    doc: bool = typer.Option(False, "--doc", help="every key with its value, help text and choices"),
+) -> None:
+    """Print the resolved config as YAML (--doc: each key=value with its help)."""
     cfg = resolve_or_exit(args or [])
+    if doc:
+        from areal_cli.config_doc import doc_lines
+
+        typer.echo("\n".join(doc_lines(cfg)))
+        return
     Console().print(Syntax(to_yaml(cfg), "yaml", background_color="default"))
 
 

@@ -1,218 +1,32 @@
 """Every value of a resolved config, checked before anything heavy starts.
 
-The schema's dataclasses (engines/config.py, workflows/config.py)
-fix each key's type; this module fixes each key's range. `check_config` runs right
-after Hydra composes the config, before any model, dataset or process is touched, and
-refuses the first bad value with a `ConfigError` of the form
+The schema's dataclasses (engines/config.py, workflows/config.py) fix each key's type,
+and its choices where it has them; the rules fix each key's range. `check_config` runs
+right after Hydra composes the config, before any model, dataset or process is touched,
+and refuses the first bad value with a `ConfigError` of the form
 
     <key>=<value> <what is wrong>; <what to change>
 
 which the CLI prints on one line and exits with status 2. The rules are a table, one
-row per key (`RULES`), plus the rules that tie several keys together
-(`_cross_field_errors`); the engines keep their own checks for programmatic use, but a
-config that passes here never trips them.
+row per key (`areal_cli/rules.py`, the choices read from the schema), then the
+rules that tie several keys together (`_cross_field_errors`), then what this machine
+must have (`_path_errors`); the engines keep their own checks for programmatic use, but
+a config that passes here never trips them.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from engines.config import (
-    ATTN_IMPLEMENTATIONS,
-    DEVICES,
-    KL_ESTIMATORS,
-    LOSS_NORMALIZATIONS,
-    LR_SCHEDULERS,
-    MIXED_PRECISION,
-    MODEL_DTYPES,
-    OPTIMIZERS,
-)
-from workflows.config import (
-    DEPLOYMENT_MODES,
-    METADATA_STORES,
-    REWARD_FORMATS,
-    ROLLOUT_BACKENDS,
-    STATS_BACKENDS,
-    WANDB_MODES,
-    ExperimentConfig,
-)
+from areal_cli.rules import rule_errors
+from workflows.config import ExperimentConfig
 
 
 class ConfigError(ValueError):
     """A config name, key or value the user must fix; the message says what to change."""
-
-
-# ---------------------------------------------------------------------------------------
-# Per-key rules.
-
-
-@dataclass(frozen=True)
-class Rule:
-    """`key` (dotted) must satisfy `ok(value)`; otherwise the value "`requirement`"."""
-
-    key: str
-    ok: Callable[[Any], bool]
-    requirement: str
-    optional: bool = False  # None is allowed (it means "use the default behaviour")
-
-
-def _number(value: Any) -> bool:
-    # bool is an int in Python; a YAML `true` where a count belongs is a mistake.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def at_least(low: float) -> Callable[[Any], bool]:
-    return lambda v: _number(v) and v >= low
-
-
-def greater_than(low: float) -> Callable[[Any], bool]:
-    return lambda v: _number(v) and v > low
-
-
-def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
-    def ok(v: Any) -> bool:
-        if not _number(v):
-            return False
-        above = v > low if low_open else v >= low
-        below = v < high if high_open else v <= high
-        return above and below
-
-    return ok
-
-
-def one_of(valid: tuple[str, ...]) -> Callable[[Any], bool]:
-    return lambda v: v in valid
-
-
-def non_empty(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
-def plain_name(v: Any) -> bool:
-    return non_empty(v) and "/" not in v and "\\" not in v and v not in (".", "..")
-
-
-def server_list(v: Any) -> bool:
-    if _number(v):
-        return isinstance(v, int) and v >= 1
-    if isinstance(v, str) or not hasattr(v, "__iter__"):
-        return False
-    items = list(v)
-    return bool(items) and all(isinstance(a, str) and a.rpartition(":")[2].isdigit() and a.rpartition(":")[0] for a in items)
-
-
-def _choices(valid: tuple[str, ...]) -> str:
-    return "must be one of " + ", ".join(valid)
-
-
-RULES: tuple[Rule, ...] = (
-    Rule("experiment_name", plain_name, "must be a non-empty name without '/'"),
-    Rule("trial_name", plain_name, "must be a non-empty name without '/'"),
-    Rule("run_root", non_empty, "must be a non-empty directory path"),
-    Rule("deployment_mode", one_of(DEPLOYMENT_MODES), _choices(DEPLOYMENT_MODES)),
-    Rule("metadata_store", one_of(METADATA_STORES), _choices(METADATA_STORES) + ", or null for the mode's own",
-         optional=True),
-    Rule("model.dtype", one_of(MODEL_DTYPES), _choices(MODEL_DTYPES)),
-    Rule("model.attn_implementation", one_of(ATTN_IMPLEMENTATIONS), _choices(ATTN_IMPLEMENTATIONS)),
-    # Not checked against this machine's GPUs: a cloud launch validates here and runs there.
-    Rule("model.device", one_of(DEVICES), _choices(DEVICES)),
-    Rule("dataset.split", non_empty, "must name a split such as train"),
-    Rule("dataset.eval_split", non_empty, "must name a split such as test"),
-    Rule("dataset.batch_size", at_least(1), "must be >= 1 (prompts per step)"),
-    Rule("dataset.max_prompt_length", at_least(1), "must be >= 1 (tokens)"),
-    Rule("dataset.max_eval_samples", at_least(1), "must be >= 1 (prompts per evaluation)"),
-    Rule("dataset.task_args", lambda v: hasattr(v, "keys") and all(isinstance(k, str) for k in v),
-         "must be a mapping of the reasoning-gym task's settings, e.g. {min_terms: 2}"),
-    Rule("dataset.task_size", at_least(1), "must be >= 1 (problems generated per split)"),
-    Rule("dataset.task_seed", at_least(0), "must be >= 0"),
-    Rule("gconfig.n_samples", at_least(1), "must be >= 1 (completions per prompt, the GRPO group size)"),
-    Rule("gconfig.max_new_tokens", at_least(1), "must be >= 1 (tokens)"),
-    Rule("gconfig.temperature", at_least(0), "must be >= 0 (0 samples greedily)"),
-    Rule("gconfig.top_p", within(0, 1, low_open=True), "must be in (0, 1]"),
-    Rule("gconfig.top_k", at_least(0), "must be >= 0 (0 disables top-k)"),
-    Rule("gconfig.stop_token_ids", lambda v: all(_number(t) and t >= 0 for t in v), "must hold token ids >= 0"),
-    Rule("gconfig.max_batch_size", at_least(1), "must be >= 1 (sequences per generate call)"),
-    Rule("rollout.max_concurrent_rollouts", at_least(1), "must be >= 1"),
-    Rule("rollout.consumer_batch_size", at_least(1), "must be >= 1 (trajectories per step), or null", optional=True),
-    Rule("rollout.max_head_offpolicyness", at_least(0), "must be >= 0 (0 is synchronous RL)"),
-    Rule("rollout.queue_size", at_least(1), "must be >= 1"),
-    Rule("rollout.reward_timeout", greater_than(0), "must be > 0 (seconds)"),
-    Rule("rollout.reward_workers", at_least(1), "must be >= 1 (processes)"),
-    Rule("rollout.reward_format", one_of(REWARD_FORMATS), _choices(REWARD_FORMATS)),
-    Rule("rollout.max_consecutive_rejections", at_least(1), "must be >= 1 (rollouts rejected in a row before the run stops)"),
-    Rule("rollout.max_failure_rate", within(0, 1, low_open=True), "must be in (0, 1] (a share of finished rollouts)"),
-    Rule("rollout.failure_rate_window", at_least(1), "must be >= 1 (finished rollouts)"),
-    Rule("rollout.max_consecutive_filtered", at_least(1), "must be >= 1 (groups dropped in a row by dynamic sampling)"),
-    Rule("rollout.backend", one_of(ROLLOUT_BACKENDS), _choices(ROLLOUT_BACKENDS)),
-    Rule("rollout.servers", server_list, "must be a number of servers >= 1 or a list of host:port addresses"),
-    Rule("rollout.server_python", non_empty, "must be an interpreter path, or null for ./.venv-<backend>", optional=True),
-    Rule("rollout.server_args", lambda v: all(isinstance(a, str) for a in v), "must be a list of strings"),
-    Rule("rollout.server_dtype", one_of(MODEL_DTYPES), _choices(MODEL_DTYPES) + ", or null for model.dtype", optional=True),
-    Rule("rollout.server_startup_timeout", greater_than(0), "must be > 0 (seconds)"),
-    Rule("rollout.request_timeout", greater_than(0), "must be > 0 (seconds)"),
-    Rule("rollout.request_retries", at_least(0), "must be >= 0"),
-    Rule("rollout.workers", at_least(1), "must be >= 1 (rollout worker processes)"),
-    Rule("rollout.worker_restarts", at_least(0), "must be >= 0"),
-    Rule("actor.optimizer.type", one_of(OPTIMIZERS), _choices(OPTIMIZERS)),
-    Rule("actor.optimizer.lr", greater_than(0), "must be > 0"),
-    Rule("actor.optimizer.weight_decay", at_least(0), "must be >= 0"),
-    Rule("actor.optimizer.beta1", within(0, 1, high_open=True), "must be in [0, 1)"),
-    Rule("actor.optimizer.beta2", within(0, 1, high_open=True), "must be in [0, 1)"),
-    Rule("actor.optimizer.eps", greater_than(0), "must be > 0"),
-    Rule("actor.optimizer.gradient_clipping", at_least(0), "must be >= 0 (0 disables clipping)"),
-    Rule("actor.optimizer.lr_scheduler_type", one_of(LR_SCHEDULERS), _choices(LR_SCHEDULERS)),
-    Rule("actor.optimizer.warmup_steps_proportion", within(0, 1), "must be in [0, 1] (a fraction of the steps)"),
-    Rule("actor.optimizer.min_lr_ratio", within(0, 1), "must be in [0, 1] (a fraction of lr)"),
-    Rule("actor.max_tokens_per_mb", at_least(1), "must be >= 1 (tokens)"),
-    Rule("actor.ppo_n_minibatches", at_least(1), "must be >= 1"),
-    Rule("actor.eps_clip", greater_than(0), "must be > 0"),
-    Rule("actor.reward_scaling", greater_than(0), "must be > 0"),
-    Rule("actor.reward_bias", _number, "must be a finite number"),
-    Rule("actor.kl_ctl", at_least(0), "must be >= 0 (0 disables the KL penalty)"),
-    Rule("actor.kl_estimator", one_of(KL_ESTIMATORS), _choices(KL_ESTIMATORS)),
-    Rule("actor.mixed_precision", one_of(MIXED_PRECISION), _choices(MIXED_PRECISION)),
-    Rule("actor.loss_normalization", one_of(LOSS_NORMALIZATIONS), _choices(LOSS_NORMALIZATIONS)),
-    Rule("actor.overlong_buffer_tokens", at_least(0), "must be >= 0 (tokens; 0 disables the overlong penalty)"),
-    Rule("actor.overlong_penalty", at_least(0), "must be >= 0 (reward lost at gconfig.max_new_tokens)"),
-    Rule("actor.behav_imp_weight_cap", greater_than(1), "must be > 1, or null for no cap", optional=True),
-    Rule("trainer.total_steps", at_least(1), "must be >= 1, or null to train trainer.total_epochs", optional=True),
-    Rule("trainer.total_epochs", at_least(1), "must be >= 1"),
-    Rule("trainer.save_freq_steps", at_least(0), "must be >= 0 (0 saves only at the end)"),
-    Rule("trainer.eval_freq_steps", at_least(0), "must be >= 0 (0 never evaluates)"),
-    Rule("trainer.recover_freq_steps", at_least(0), "must be >= 0, or null to follow save_freq_steps", optional=True),
-    Rule("stats_logger.print_every", at_least(1), "must be >= 1 (steps)"),
-    Rule("eval.n_samples", at_least(0), "must be >= 0 (sampled completions per prompt; 0: greedy only)"),
-    Rule("eval.pass_k", lambda v: all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in v),
-         "must list integers k >= 1"),
-    Rule("eval.report", non_empty, "must be a file path, or null for <run_dir>/eval/<model>.json", optional=True),
-    Rule("stats_logger.file_name", plain_name, "must be a file name without '/'"),
-    Rule("stats_logger.backends", lambda v: len(set(v)) == len(v) and all(b in STATS_BACKENDS for b in v),
-         "must list distinct backends among " + ", ".join(STATS_BACKENDS)),
-    Rule("stats_logger.wandb_project", plain_name, "must be a W&B project name without '/'"),
-    Rule("stats_logger.wandb_mode", one_of(WANDB_MODES), _choices(WANDB_MODES)),
-)
-
-
-def lookup(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def _rule_errors(cfg: ExperimentConfig) -> list[str]:
-    errors = []
-    for rule in RULES:
-        value = lookup(cfg, rule.key)
-        if value is None and rule.optional:
-            continue
-        if not rule.ok(value):
-            errors.append(f"{rule.key}={value!r} is invalid; it {rule.requirement}")
-    return errors
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,7 +206,7 @@ def check_config(cfg: ExperimentConfig, *, world_size: Optional[int] = None, che
     """
     if world_size is None:
         world_size = _env_world_size()
-    errors = _rule_errors(cfg)
+    errors = rule_errors(cfg)
     # Cross-field rules read values the per-key rules vouch for.
     if not errors:
         errors = _cross_field_errors(cfg, world_size)

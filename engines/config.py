@@ -4,28 +4,60 @@ Plain dataclasses. Hydra merges the YAML files in `areal_cli/configs/` onto them
 here is a key a user can override from the command line (`actor.optimizer.lr=1e-5`).
 Runtime objects (a model, a tokenizer, a process group) never live in a config; they are
 passed to the factories in `engines/factories.py`.
+
+Each field carries its help text, and its choices where it has them, as field metadata
+(`option`): `areal config show --doc` prints them and `areal_cli/rules.py` refuses a value
+outside the choices, so each enumeration below is written once.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-# The valid values of the string-typed keys; areal_cli/validation.py checks configs
-# against them and the factories build from them.
+# The valid values of the string-typed keys: the fields below name them as `choices`, and
+# the factories build from them.
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-# model.device: auto is cuda:<LOCAL_RANK> where CUDA is visible, else cpu.
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-# none: float32 compute; bf16: bfloat16 autocast; auto: bf16 where the hardware computes it
-# natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else none.
 MIXED_PRECISION = ("none", "bf16", "auto")
-# actor.loss_normalization: the PPO loss's denominator. token: the batch's trained-token
-# count (DAPO's token-level mean); constant: sequences x gconfig.max_new_tokens (Dr. GRPO).
 LOSS_NORMALIZATIONS = ("token", "constant")
+
+
+def option(default: Any, help: str, *, choices: Optional[tuple[str, ...]] = None, null: Optional[str] = None) -> Any:
+    """A schema field with its `default` and `help` text (metadata "help").
+
+    `choices`: the only valid values (metadata "choices"; for a list-valued key, of each
+    element). `null`: what None means, for an Optional key with choices (the refusal of a
+    bad value then ends ", or null for <null>"). A list or dict default is copied for
+    each instance.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if null is not None:
+        metadata["null"] = null
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def leaf_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, resolved type hint) for every leaf key under the dataclass `cls`,
+    in declaration order; a field whose default is a dataclass is descended into."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from leaf_fields(type(default), prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, hints[f.name]
 
 
 @dataclass
@@ -38,48 +70,64 @@ class ModelConfig:
     `engines/model.py`).
     """
 
-    path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    # float32 | bfloat16 | float16. float32 is the only dtype that trains well on CPU.
-    dtype: str = "float32"
-    # Build a randomly initialised model with the architecture and tokenizer of `path`,
-    # with the fields of `config_overrides` changed (tests and the smoke config use a
-    # tiny model this way).
-    init_from_scratch: bool = False
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    # attention implementation passed to transformers ("sdpa" or "eager").
-    attn_implementation: str = "sdpa"
-    # Where the policy (and the in-process sampler's copy) lives: auto | cpu | cuda.
-    # cuda means this process's GPU, cuda:<LOCAL_RANK>, as `areal launch` and torchrun set it.
-    device: str = "auto"
+    path: str = option(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "The policy model: a local model directory, a Hugging Face hub id, or gguf:<package>/<file> (a GGUF "
+        "file inside an installed Python package). A hub id that cannot be reached is read from the local HF "
+        "cache or a packaged offline copy when one is known.",
+    )
+    dtype: str = option(
+        "float32", "The dtype of the policy's weights. float32 is the only dtype that trains well on CPU.",
+        choices=MODEL_DTYPES,
+    )
+    init_from_scratch: bool = option(
+        False,
+        "Build a randomly initialised model with the architecture and tokenizer of `path`, with the fields of "
+        "`config_overrides` changed (tests and the smoke config use a tiny model this way).",
+    )
+    config_overrides: dict[str, Any] = option(
+        {}, "Architecture fields changed when `init_from_scratch` is set (e.g. hidden_size: 64)."
+    )
+    attn_implementation: str = option(
+        "sdpa", "The attention implementation passed to transformers.", choices=ATTN_IMPLEMENTATIONS
+    )
+    device: str = option(
+        "auto",
+        "Where the policy (and the in-process sampler's copy) lives. auto: cuda:<LOCAL_RANK> where CUDA is "
+        "visible, else cpu; cuda: this process's GPU, cuda:<LOCAL_RANK>, as `areal launch` and torchrun set it.",
+        choices=DEVICES,
+    )
 
 
 @dataclass
 class GenerationConfig:
     """Sampling parameters for rollouts (names follow AReaL's `gconfig`)."""
 
-    n_samples: int = 4  # completions per prompt: the GRPO group size
-    max_new_tokens: int = 256  # tokens
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k filtering
-    # Extra token ids that end a completion, besides the tokenizer's EOS token.
-    stop_token_ids: list[int] = field(default_factory=list)
-    # Most sequences the in-process engine decodes in one batch.
-    max_batch_size: int = 64
+    n_samples: int = option(4, "Completions per prompt: the GRPO group size.")
+    max_new_tokens: int = option(256, "Most tokens generated per completion.")
+    temperature: float = option(
+        1.0, "Sampling temperature; logprobs are of the temperature-scaled distribution. 0 samples greedily."
+    )
+    top_p: float = option(1.0, "Nucleus sampling: the probability mass sampled from; 1.0 disables it.")
+    top_k: int = option(0, "Sample from the k most likely tokens only; 0 disables top-k filtering.")
+    stop_token_ids: list[int] = option([], "Extra token ids that end a completion, besides the tokenizer's EOS token.")
+    max_batch_size: int = option(64, "Most sequences the in-process engine decodes in one batch.")
 
 
 @dataclass
 class OptimizerConfig:
-    type: str = "adamw"  # adamw | sgd
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    gradient_clipping: float = 1.0  # max global grad norm; 0 disables clipping
-    lr_scheduler_type: str = "constant"  # constant | linear | cosine
-    warmup_steps_proportion: float = 0.0  # fraction of total steps spent warming up
-    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of `lr`
+    """The optimizer of the policy and its learning-rate schedule."""
+
+    type: str = option("adamw", "The optimizer.", choices=OPTIMIZERS)
+    lr: float = option(1e-6, "Base learning rate.")
+    weight_decay: float = option(0.01, "Decoupled weight decay (AdamW) or L2 penalty (SGD).")
+    beta1: float = option(0.9, "AdamW's beta1.")
+    beta2: float = option(0.999, "AdamW's beta2.")
+    eps: float = option(1e-8, "AdamW's epsilon.")
+    gradient_clipping: float = option(1.0, "Maximum global gradient norm; 0 disables clipping.")
+    lr_scheduler_type: str = option("constant", "How the learning rate decays after warm-up.", choices=LR_SCHEDULERS)
+    warmup_steps_proportion: float = option(0.0, "Fraction of the total steps spent warming up the learning rate.")
+    min_lr_ratio: float = option(0.0, "Floor of the learning-rate decay, as a fraction of `lr`.")
 
 
 @dataclass
@@ -87,40 +135,68 @@ class ActorConfig:
     """The policy being trained: optimisation, memory and the PPO/GRPO objective."""
 
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    gradient_checkpointing: bool = False
-    deterministic: bool = False
-    # Autocast of the trainer's forward and backward passes: none | bf16 | auto (see
-    # MIXED_PRECISION). Weights, optimizer state and the LM-head projection that scores
-    # tokens stay float32; changes numerics on purpose (logprob_abs_diff_mean shows by
-    # how much the trainer's logprobs then differ from the sampler's).
-    mixed_precision: str = "none"
-    # Right-pad every sequence to dataset.max_prompt_length + gconfig.max_new_tokens
-    # (static shapes at every step); deterministic mode turns it on.
-    pad_to_maximum: bool = False
-    max_tokens_per_mb: int = 8192  # tokens per micro-batch (prompt + completion)
-    ppo_n_minibatches: int = 1  # optimizer steps per training batch
-    eps_clip: float = 0.2  # PPO ratio clip
-    reward_scaling: float = 1.0
-    reward_bias: float = 0.0
-    kl_ctl: float = 0.0  # KL penalty coefficient against the initial policy; 0 disables
-    kl_estimator: str = "k1"  # k1 | k2 | k3
-    # GRPO: normalise rewards within each prompt's group; false uses the shifted, scaled
-    # reward itself as the advantage (REINFORCE with baseline -reward_bias).
-    group_reward_norm: bool = True
-    group_adv_std_norm: bool = True  # divide by the group's std (Dr. GRPO sets False)
-    # token | constant (see LOSS_NORMALIZATIONS); Dr. GRPO (Liu et al., 2025, arXiv
-    # 2503.20783) is group_adv_std_norm=false with loss_normalization=constant.
-    loss_normalization: str = "token"
-    # DAPO's soft overlong punishment (Yu et al., 2025, arXiv 2503.14476): a completion
-    # longer than gconfig.max_new_tokens - overlong_buffer_tokens loses up to
-    # overlong_penalty reward, linearly over the buffer. 0 tokens: off.
-    overlong_buffer_tokens: int = 0
-    overlong_penalty: float = 1.0
-    # DAPO's dynamic sampling: drop prompt groups whose rewards are all equal (no
-    # advantage, no gradient) and keep generating until the batch is full.
-    dynamic_sampling: bool = False
-    # Decoupled PPO (AReaL): recompute proximal logprobs with the current weights before
-    # the update and use them as the trust-region anchor.
-    recompute_logprob: bool = False
-    use_decoupled_loss: bool = False
-    behav_imp_weight_cap: Optional[float] = None
+    gradient_checkpointing: bool = option(
+        False,
+        "Recompute each decoder layer's activations in the backward pass instead of keeping them (less memory, "
+        "more compute).",
+    )
+    deterministic: bool = option(
+        False, "Deterministic kernels, per-prompt seeded sampling and padded shapes: identical runs from one seed."
+    )
+    mixed_precision: str = option(
+        "none",
+        "Autocast of the trainer's forward and backward passes. none: float32 compute; bf16: bfloat16 autocast; "
+        "auto: bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else "
+        "none. Weights, optimizer state and the LM-head projection that scores tokens stay float32; it changes "
+        "numerics on purpose (logprob_abs_diff_mean shows by how much the trainer's logprobs then differ from the "
+        "sampler's).",
+        choices=MIXED_PRECISION,
+    )
+    pad_to_maximum: bool = option(
+        False,
+        "Right-pad every sequence to dataset.max_prompt_length + gconfig.max_new_tokens (static shapes at every "
+        "step); deterministic mode turns it on.",
+    )
+    max_tokens_per_mb: int = option(8192, "Tokens per micro-batch (prompt + completion).")
+    ppo_n_minibatches: int = option(1, "Optimizer steps per training batch.")
+    eps_clip: float = option(0.2, "The PPO ratio clip.")
+    reward_scaling: float = option(1.0, "The advantage's input is (reward + reward_bias) * reward_scaling.")
+    reward_bias: float = option(0.0, "Added to each reward before scaling (see reward_scaling).")
+    kl_ctl: float = option(0.0, "KL penalty coefficient against the initial policy; 0 disables the penalty.")
+    kl_estimator: str = option("k1", "The estimator of the KL penalty.", choices=KL_ESTIMATORS)
+    group_reward_norm: bool = option(
+        True,
+        "GRPO: normalise rewards within each prompt's group; false uses the shifted, scaled reward itself as the "
+        "advantage (REINFORCE with baseline -reward_bias).",
+    )
+    group_adv_std_norm: bool = option(
+        True, "Divide the group-normalised advantage by the group's std (Dr. GRPO sets false)."
+    )
+    loss_normalization: str = option(
+        "token",
+        "The PPO loss's denominator. token: the batch's trained-token count (DAPO's token-level mean); constant: "
+        "sequences x gconfig.max_new_tokens (Dr. GRPO, Liu et al., 2025, arXiv 2503.20783, together with "
+        "group_adv_std_norm=false).",
+        choices=LOSS_NORMALIZATIONS,
+    )
+    overlong_buffer_tokens: int = option(
+        0,
+        "DAPO's soft overlong punishment (Yu et al., 2025, arXiv 2503.14476), in tokens: a completion longer than "
+        "gconfig.max_new_tokens minus this loses up to overlong_penalty reward, linearly over the buffer. 0: off.",
+    )
+    overlong_penalty: float = option(1.0, "The reward lost by a completion that reaches gconfig.max_new_tokens.")
+    dynamic_sampling: bool = option(
+        False,
+        "DAPO's dynamic sampling: drop prompt groups whose rewards are all equal (no advantage, no gradient) and "
+        "keep generating until the batch is full.",
+    )
+    recompute_logprob: bool = option(
+        False,
+        "Recompute logprobs with the current weights before the update: the proximal policy of the decoupled loss "
+        "(the trust-region anchor), or the PPO anchor without it.",
+    )
+    use_decoupled_loss: bool = option(False, "AReaL's decoupled PPO objective (needs recompute_logprob).")
+    behav_imp_weight_cap: Optional[float] = option(
+        None,
+        "Tokens whose behaviour importance weight exceeds this are masked out of the decoupled loss; null: no cap.",
+    )

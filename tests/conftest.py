@@ -51,20 +51,14 @@ def tiny_model(model_dir):
 
 def schema_leaves(cls=None, prefix: str = ""):
     """(dotted key, annotation) for every leaf key of the config schema (ExperimentConfig)."""
-    import dataclasses
-    import typing
+    from engines.config import leaf_fields
 
     if cls is None:
         from workflows.config import ExperimentConfig
 
         cls = ExperimentConfig
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            yield from schema_leaves(type(default), prefix + f.name + ".")
-        else:
-            yield prefix + f.name, hints[f.name]
+    for key, _, hint in leaf_fields(cls, prefix):
+        yield key, hint
 
 
 def areal_cli(*args: str) -> list[str]:

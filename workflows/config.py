@@ -2,7 +2,8 @@
 control, the training loop and its logs); the engines' own parts are in engines/config.py.
 
 Plain dataclasses, read and written as YAML (`to_yaml`, `from_yaml`); `areal_cli/` composes
-them from Hydra config files and command-line overrides and checks every value.
+them from Hydra config files and command-line overrides and checks every value. Each
+field's help text and choices are its metadata (`engines.config.option`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from engines.config import ActorConfig, GenerationConfig, ModelConfig
+from engines.config import MODEL_DTYPES, ActorConfig, GenerationConfig, ModelConfig, option
 
-# rollout.backend: the in-process engine, or inference servers (engines/servers.py).
+# The valid values of the string-typed keys, named by the fields below as `choices`.
 ROLLOUT_BACKENDS = ("local", "vllm", "sglang")
-# deployment_mode and metadata_store: the control plane (workflows/control_plane/modes.py).
+# The control plane's (workflows/control_plane/modes.py).
 DEPLOYMENT_MODES = ("local_colocated", "dataflow_colocated", "disaggregated")
 METADATA_STORES = ("noop", "memory", "sqlite")
 STATS_BACKENDS = ("console", "jsonl", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
+# The one list of reward formats: workflows/rollout/reward.py maps each to its function
+# and refuses, at import, a mapping that differs from it.
 REWARD_FORMATS = ("any", "boxed", "number")
 
 
@@ -36,93 +39,137 @@ class DatasetConfig:
     of the PyPI package reasoning-gym (workflows/data/dataset.py, `procedural_split`).
     """
 
-    path: str = "openai/gsm8k"
-    name: Optional[str] = "main"  # hub config name; ignored for local paths
-    split: str = "train"
-    eval_split: str = "test"
-    batch_size: int = 4  # prompts per training step
-    max_prompt_length: int = 512  # tokens; longer prompts are skipped and counted
-    shuffle: bool = True
-    max_eval_samples: int = 64  # prompts scored at each evaluation
-    # reasoning_gym:<task> only: the task's settings (e.g. {min_terms: 2, max_digits: 2}),
-    # problems generated per split, and the seed of the train split (held-out splits
-    # draw from task_seed + 2**31 on, so the splits never share a problem's seed).
-    task_args: dict[str, Any] = field(default_factory=dict)
-    task_size: int = 4096
-    task_seed: int = 0
+    path: str = option(
+        "openai/gsm8k",
+        "A hub dataset id, a local directory or file of .jsonl / .parquet files, or reasoning_gym:<task> (a "
+        "procedural task of the reasoning-gym package). With the hub unreachable, openai/gsm8k is read from the "
+        "copy shipped in workflows/data/gsm8k/.",
+    )
+    name: Optional[str] = option("main", "The hub dataset's config name; ignored for local paths. null: none.")
+    split: str = option("train", "The training split (local files whose names start with it).")
+    eval_split: str = option("test", "The held-out evaluation split.")
+    batch_size: int = option(4, "Prompts per training step.")
+    max_prompt_length: int = option(512, "Most tokens of a prompt; longer prompts are skipped and counted.")
+    shuffle: bool = option(True, "Reshuffle the prompts every epoch, from seed + epoch.")
+    max_eval_samples: int = option(64, "Prompts scored at each evaluation.")
+    task_args: dict[str, Any] = option(
+        {}, "reasoning_gym:<task> only: the task's settings, e.g. {min_terms: 2, max_digits: 2}."
+    )
+    task_size: int = option(4096, "reasoning_gym:<task> only: problems generated per split.")
+    task_seed: int = option(
+        0,
+        "reasoning_gym:<task> only: the seed of the train split. Held-out splits draw from task_seed + 2**31 on, "
+        "so the splits never share a problem's seed.",
+    )
 
 
 @dataclass
 class RolloutConfig:
     """The rollout controller (AReaL's asynchronous RL, arXiv 2505.24298)."""
 
-    max_concurrent_rollouts: int = 16
-    # Trajectories (prompt groups) per training step; None means `dataset.batch_size`.
-    consumer_batch_size: Optional[int] = None
-    # How many policy versions a trained sample may lag; 0 is synchronous RL.
-    max_head_offpolicyness: int = 0
-    queue_size: int = 64
-    reward_timeout: float = 10.0  # seconds per reward call before it scores 0
-    reward_workers: int = 2
-    # any: math-verify takes the last answer it finds (an expression that evaluates to the
-    # answer counts); boxed: only an answer in \boxed{}, as the prompt asks; number: only
-    # the last number written (workflows/rollout/reward.py).
-    reward_format: str = "any"
-    # Append every trained trajectory to `<run_dir>/trajectories/<version>.jsonl`.
-    dump_trajectories: bool = False
-    # Stop the run with a RolloutFailureError once this many rollouts in a row were
-    # rejected (raised, returned None, or failed should_accept) with none accepted in
-    # between; staleness expiries and cancellations do not count. >= 1.
-    max_consecutive_rejections: int = 64
-    # Also stop once more than this share of the last `failure_rate_window` finished
-    # rollouts failed (the same reasons as above), even with accepted ones in between: a
-    # backend failing on a fraction of its requests would otherwise keep the run going on
-    # batches assembled from the prompts that happened to succeed. In (0, 1]; 1 never trips.
-    max_failure_rate: float = 0.5
-    failure_rate_window: int = 256  # finished rollouts (accepted or failed); >= 1
-    # actor.dynamic_sampling: stop with an error once this many prompt groups in a row had
-    # all-equal rewards (nothing to learn from), rather than generate forever. >= 1.
-    max_consecutive_filtered: int = 1024
-    # Where rollouts are generated: local (the in-process engine) | vllm | sglang
-    # (inference servers over HTTP, engines/servers.py and engines/remote.py).
-    backend: str = "local"
-    # vllm/sglang: how many servers to start on 127.0.0.1 (an int), or a list of
-    # host:port addresses of running servers to attach to (they must serve model.path
-    # and be able to read <run_dir>/weights/).
-    servers: Any = 1
-    # Interpreter that has the backend installed; null: ./.venv-<backend>/bin/python
-    # (make install-vllm), else this one.
-    server_python: Optional[str] = None
-    server_args: list[str] = field(default_factory=list)  # appended to the server command
-    # The servers' compute dtype; null: model.dtype. bfloat16 is several times faster on
-    # CPUs with AMX and on GPUs, at the cost of logprobs that differ more from the trainer's.
-    server_dtype: Optional[str] = None
-    server_startup_timeout: float = 600.0  # seconds until every server answers /health
-    request_timeout: float = 600.0  # seconds per generation request before it is retried
-    request_retries: int = 3  # retries of a failed request (with backoff) before the rollout fails
-    # On pause (weight update), abort requests in flight and finish them with the new
-    # weights, each token keeping the version that sampled it (AReaL); false lets them
-    # finish first.
-    interruptible_generation: bool = False
-    # deployment_mode=disaggregated: rollout worker processes, each generating its share
-    # of every batch (dataset.batch_size must split over them).
-    workers: int = 1
-    # Restarts of rollout workers that die, over the whole run, before it stops with an error.
-    worker_restarts: int = 3
+    max_concurrent_rollouts: int = option(16, "Most rollouts (prompt groups) generating at once.")
+    consumer_batch_size: Optional[int] = option(
+        None, "Trajectories (prompt groups) per training step; null: dataset.batch_size."
+    )
+    max_head_offpolicyness: int = option(
+        0, "How many policy versions a trained sample may lag; 0 is synchronous RL."
+    )
+    queue_size: int = option(64, "Most rollouts waiting to start.")
+    reward_timeout: float = option(10.0, "Seconds per reward call before it scores 0.")
+    reward_workers: int = option(2, "Processes that score rewards.")
+    reward_format: str = option(
+        "any",
+        "Which answer scores (workflows/rollout/reward.py). any: math-verify takes the last answer it finds (an "
+        "expression that evaluates to the answer counts); boxed: only an answer in \\boxed{}, as the prompt asks; "
+        "number: only the last number written.",
+        choices=REWARD_FORMATS,
+    )
+    dump_trajectories: bool = option(
+        False, "Append every trained trajectory to <run_dir>/trajectories/<version>.jsonl."
+    )
+    max_consecutive_rejections: int = option(
+        64,
+        "Stop the run with a RolloutFailureError once this many rollouts in a row were rejected (raised, returned "
+        "None, or failed should_accept) with none accepted in between; staleness expiries and cancellations do "
+        "not count. >= 1.",
+    )
+    max_failure_rate: float = option(
+        0.5,
+        "Also stop once more than this share of the last failure_rate_window finished rollouts failed (for the "
+        "same reasons), even with accepted ones in between: a backend failing on a fraction of its requests would "
+        "otherwise keep the run going on batches assembled from the prompts that happened to succeed. In (0, 1]; "
+        "1 never trips.",
+    )
+    failure_rate_window: int = option(
+        256, "Finished rollouts (accepted or failed) over which max_failure_rate is judged; >= 1."
+    )
+    max_consecutive_filtered: int = option(
+        1024,
+        "With actor.dynamic_sampling: stop with an error once this many prompt groups in a row had all-equal "
+        "rewards (nothing to learn from), rather than generate forever. >= 1.",
+    )
+    backend: str = option(
+        "local",
+        "Where rollouts are generated. local: the in-process engine; vllm, sglang: inference servers over HTTP "
+        "(engines/servers.py and engines/remote.py; make install-vllm).",
+        choices=ROLLOUT_BACKENDS,
+    )
+    servers: Any = option(
+        1,
+        "vllm/sglang: how many servers to start on 127.0.0.1 (an int), or a list of host:port addresses of "
+        "running servers to attach to (they must serve model.path and be able to read <run_dir>/weights/).",
+    )
+    server_python: Optional[str] = option(
+        None, "The interpreter that has the backend installed; null: ./.venv-<backend>/bin/python, else this one."
+    )
+    server_args: list[str] = option([], "Extra arguments appended to each server's command line.")
+    server_dtype: Optional[str] = option(
+        None,
+        "The servers' compute dtype; null: model.dtype. bfloat16 is several times faster on CPUs with AMX and on "
+        "GPUs, at the cost of logprobs that differ more from the trainer's.",
+        choices=MODEL_DTYPES,
+        null="model.dtype",
+    )
+    server_startup_timeout: float = option(600.0, "Seconds until every server answers /health.")
+    request_timeout: float = option(600.0, "Seconds per generation request before it is retried.")
+    request_retries: int = option(
+        3, "Retries of a failed generation request (with backoff) before the rollout fails."
+    )
+    interruptible_generation: bool = option(
+        False,
+        "On pause (a weight update), abort the requests in flight and finish them with the new weights, each "
+        "token keeping the version that sampled it (AReaL); false lets them finish first.",
+    )
+    workers: int = option(
+        1,
+        "deployment_mode=disaggregated: rollout worker processes, each generating its share of every batch "
+        "(dataset.batch_size must split over them).",
+    )
+    worker_restarts: int = option(
+        3, "Restarts of rollout workers that die, over the whole run, before it stops with an error."
+    )
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: Optional[int] = None  # takes precedence over total_epochs
-    total_epochs: int = 1
-    save_freq_steps: int = 0  # 0: save only at the end
-    eval_freq_steps: int = 0  # 0: no evaluation
-    # Continue from `<run_dir>/checkpoints/recover/` when it holds a complete recover
-    # checkpoint; false starts from step 0 (and discards the run_dir's stats records).
-    resume: bool = True
-    # Steps between recover checkpoints (weights, optimizer, RNG, data position; see
-    # workflows/training/recover.py); None: same as save_freq_steps; 0: only at the end.
-    recover_freq_steps: Optional[int] = None
+    """The training loop: its length, checkpoints and evaluations."""
+
+    total_steps: Optional[int] = option(
+        None, "Training steps; takes precedence over total_epochs. null: train total_epochs epochs."
+    )
+    total_epochs: int = option(1, "Passes over the training split, used when total_steps is null.")
+    save_freq_steps: int = option(0, "Steps between saved checkpoints; 0: save only at the end.")
+    eval_freq_steps: int = option(0, "Steps between held-out evaluations; 0: no evaluation.")
+    resume: bool = option(
+        True,
+        "Continue from <run_dir>/checkpoints/recover/ when it holds a complete recover checkpoint; false starts "
+        "from step 0 (and discards the run_dir's stats records).",
+    )
+    recover_freq_steps: Optional[int] = option(
+        None,
+        "Steps between recover checkpoints (weights, optimizer, RNG, data position; see "
+        "workflows/training/recover.py). null: the same as save_freq_steps; 0: only at the end.",
+    )
 
 
 @dataclass
@@ -130,43 +177,66 @@ class EvalConfig:
     """Held-out evaluation (workflows/training/evaluation.py): `areal eval`, and the trainer's every
     `trainer.eval_freq_steps` on `dataset.eval_split` (at most `dataset.max_eval_samples`)."""
 
-    # Sampled completions per prompt (at gconfig.temperature) for pass@k, beside the greedy
-    # one; 0: greedy pass@1 only.
-    n_samples: int = 0
-    pass_k: list[int] = field(default_factory=lambda: [1, 4, 8])  # the k <= n_samples are reported
-    # `areal eval`'s JSON report; null: <run_dir>/eval/<model directory name>-<eval split>.json
-    report: Optional[str] = None
+    n_samples: int = option(
+        0,
+        "Sampled completions per prompt (at gconfig.temperature) for pass@k, beside the greedy one; 0: greedy "
+        "pass@1 only.",
+    )
+    pass_k: list[int] = option([1, 4, 8], "The k of pass@k; those <= n_samples are reported.")
+    report: Optional[str] = option(
+        None, "areal eval's JSON report; null: <run_dir>/eval/<model directory name>-<eval split>.json."
+    )
 
 
 @dataclass
 class StatsLoggerConfig:
-    # Where each step's record goes (workflows/metrics/stats.py): any of console, jsonl,
-    # tensorboard (<run_dir>/tensorboard/), wandb (<run_dir>/wandb/).
-    backends: list[str] = field(default_factory=lambda: ["console", "jsonl"])
-    print_every: int = 1  # steps between printed records
-    file_name: str = "stats.jsonl"
-    wandb_project: str = "areal"
-    # offline: no network or account needed (`wandb sync` uploads later); online; disabled.
-    wandb_mode: str = "offline"
+    """Where each step's statistics go (workflows/metrics/stats.py)."""
+
+    backends: list[str] = option(
+        ["console", "jsonl"],
+        "Where each step's record goes, any of: console (one line per step), jsonl (file_name in the run "
+        "directory), tensorboard (<run_dir>/tensorboard/), wandb (<run_dir>/wandb/).",
+        choices=STATS_BACKENDS,
+    )
+    print_every: int = option(1, "Steps between printed records.")
+    file_name: str = option("stats.jsonl", "The stats file in the run directory.")
+    wandb_project: str = option("areal", "The W&B project.")
+    wandb_mode: str = option(
+        "offline",
+        "offline: no network or account needed (wandb sync uploads later); online: needs WANDB_API_KEY; disabled.",
+        choices=WANDB_MODES,
+    )
 
 
 @dataclass
 class ExperimentConfig:
     """The whole job. Every run saves the resolved copy as `<run_dir>/config.yaml`."""
 
-    experiment_name: str = "gsm8k-grpo"
-    trial_name: str = "trial0"
-    seed: int = 1
-    # Runs live in `<run_root>/<experiment_name>/<trial_name>` unless `run_dir` is set.
-    run_root: str = "runs"
-    run_dir: Optional[str] = None
-    # Where converted models are cached; defaults to $AREAL_CACHE_DIR or ~/.cache/areal.
-    cache_dir: Optional[str] = None
-    # Where rollouts run and what the control plane records (workflows/control_plane/modes.py):
-    # local_colocated | dataflow_colocated | disaggregated (rollout.workers processes).
-    deployment_mode: str = "local_colocated"
-    # The metadata store: noop | memory | sqlite; null: the deployment mode's own.
-    metadata_store: Optional[str] = None
+    experiment_name: str = option("gsm8k-grpo", "Names the run directory (<run_root>/<experiment_name>/...).")
+    trial_name: str = option("trial0", "Names the run directory (.../<experiment_name>/<trial_name>).")
+    seed: int = option(1, "Seeds every RNG, the data order and (deterministic mode) sampling.")
+    run_root: str = option(
+        "runs", "Runs live in <run_root>/<experiment_name>/<trial_name> unless run_dir is set."
+    )
+    run_dir: Optional[str] = option(
+        None, "An explicit run directory; null: <run_root>/<experiment_name>/<trial_name>."
+    )
+    cache_dir: Optional[str] = option(
+        None, "Where converted models are cached; null: $AREAL_CACHE_DIR, else ~/.cache/areal."
+    )
+    deployment_mode: str = option(
+        "local_colocated",
+        "Where rollouts run and what the control plane records (workflows/control_plane/modes.py). "
+        "local_colocated: no-op store; dataflow_colocated: SQLite store, samples acknowledged at the optimizer "
+        "boundary; disaggregated: rollout.workers rollout worker processes over a SQLite store.",
+        choices=DEPLOYMENT_MODES,
+    )
+    metadata_store: Optional[str] = option(
+        None,
+        "The control plane's metadata store; null: the deployment mode's own (disaggregated needs sqlite).",
+        choices=METADATA_STORES,
+        null="the mode's own",
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     gconfig: GenerationConfig = field(default_factory=GenerationConfig)

@@ -1,8 +1,11 @@
+import dataclasses
 import subprocess
+import typing
 
 import pytest
 
 from areal_cli.config import ConfigError, load_config, split_cli_args
+from engines.config import leaf_fields
 from tests.conftest import REPO, areal_cli, cli_env, schema_leaves
 from workflows.config import ExperimentConfig
 
@@ -74,3 +77,54 @@ def test_configuration_reference_lists_every_key():
 
     documented = set(re.findall(r"^\| `([\w.]+)` \|", (REPO / "docs" / "configuration.md").read_text(), re.M))
     assert documented == {key for key, _ in schema_leaves()}
+
+
+# The schema's field metadata: help for every key, choices where a key has them.
+LEAF_FIELDS = list(leaf_fields(ExperimentConfig))
+CHOICE_FIELDS = [(key, f, hint) for key, f, hint in LEAF_FIELDS if "choices" in f.metadata]
+
+
+def test_every_leaf_key_has_help():
+    missing = [key for key, f, _ in LEAF_FIELDS if not str(f.metadata.get("help", "")).strip()]
+    assert missing == []
+
+
+def test_the_enumerated_keys_are_found():
+    assert {"model.dtype", "rollout.reward_format", "stats_logger.backends", "metadata_store"} <= {
+        key for key, _, _ in CHOICE_FIELDS
+    }
+
+
+@pytest.mark.parametrize("key, f, hint", CHOICE_FIELDS, ids=[key for key, _, _ in CHOICE_FIELDS])
+def test_each_default_is_among_its_choices(key, f, hint):
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    choices = f.metadata["choices"]
+    if typing.get_origin(hint) is list:
+        assert set(default) <= set(choices), (key, default)
+    elif default is None:
+        assert type(None) in typing.get_args(hint), f"{key} defaults to None but is not Optional"
+    else:
+        assert default in choices, (key, default)
+
+
+@pytest.mark.parametrize("key, f, hint", CHOICE_FIELDS, ids=[key for key, _, _ in CHOICE_FIELDS])
+def test_a_value_outside_the_metadata_choices_is_refused(key, f, hint):
+    listed = typing.get_origin(hint) is list
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", [f"{key}=[not_a_choice]" if listed else f"{key}=not_a_choice"], check_paths=False)
+    message = str(info.value)
+    assert message.startswith(f"{key}=") and "not_a_choice" in message and "\n" not in message, message
+    assert ", ".join(f.metadata["choices"]) in message
+    assert ("must list distinct" if listed else "must be one of") in message
+
+
+def test_show_doc_prints_each_key_with_its_value_help_and_choices():
+    result = run_cli("config", "show", "--doc", "config=smoke", "gconfig.n_samples=3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    help_of = {key: f.metadata["help"] for key, f, _ in LEAF_FIELDS}
+    at = lines.index("gconfig.n_samples=3")
+    assert lines[at + 1].strip() == help_of["gconfig.n_samples"]
+    at = lines.index("actor.optimizer.type=adamw")
+    assert lines[at + 1].strip() == help_of["actor.optimizer.type"] + " [one of: adamw, sgd]"
+    assert {line.split("=", 1)[0] for line in lines if not line.startswith(" ")} == set(help_of)

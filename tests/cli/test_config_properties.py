@@ -132,7 +132,7 @@ NUMERIC_KEYS = sorted(k for k, a in LEAVES.items() if ("int" in str(a) or "float
 @pytest.mark.parametrize("key", NUMERIC_KEYS)
 def test_every_numeric_key_at_its_boundaries(key):
     """Each numeric key at each boundary value is refused with one line, or accepted and
-    then accepted by the engines too: the table in validation.py misses no key."""
+    then accepted by the engines too: the table in rules.py misses no key."""
     from areal_cli.config import ConfigError, load_config
 
     for value in BOUNDARY_VALUES:

@@ -253,8 +253,9 @@ def test_launch_checks_batch_against_replicas(tmp_path):
 
 
 def test_every_constrained_key_has_a_rule():
-    """A new schema key gets a row in validation.RULES unless any value of its type is fine."""
-    from areal_cli.validation import RULES
+    """A new schema key gets a row in rules.RULES (written, or derived from its choices) unless
+    any value of its type is fine."""
+    from areal_cli.rules import RULES
 
     unconstrained = {"seed", "run_dir", "cache_dir", "model.path", "model.config_overrides", "dataset.path", "dataset.name"}
     needs_rule = {key for key, annotation in schema_leaves() if annotation is not bool and key not in unconstrained}

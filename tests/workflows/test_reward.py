@@ -1,9 +1,13 @@
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
 
-from workflows.rollout.reward import RewardScorer
+from tests.conftest import REPO, cli_env
+from workflows.config import REWARD_FORMATS
+from workflows.rollout.reward import REWARD_FUNCTIONS, RewardScorer
 
 
 def slow_reward(completion: str, reference: str) -> float:
@@ -134,3 +138,17 @@ def test_many_faults_among_good_completions_are_each_counted_once():
         assert (s.stats.num_scored, s.stats.num_failed, s.stats.num_crashes, s.stats.num_timeouts) == (7, 3, 2, 1)
     finally:
         s.close()
+
+
+def test_reward_formats_are_one_list():
+    """REWARD_FUNCTIONS maps exactly the formats rollout.reward_format accepts, and a
+    mismatch fails the import of workflows/rollout/reward.py."""
+    assert set(REWARD_FUNCTIONS) == set(REWARD_FORMATS)
+    code = (
+        "import workflows.config as c\n"
+        "c.REWARD_FORMATS = c.REWARD_FORMATS + ('latex',)\n"
+        "import workflows.rollout.reward\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "ImportError" in result.stderr and "latex" in result.stderr, result.stderr

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from pebble import ProcessExpired, ProcessPool
 
+from workflows.config import REWARD_FORMATS
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,8 +72,15 @@ def final_number_reward(completion: str, reference: str) -> float:
     return math_verify_reward(found[-1].replace(",", ""), reference)
 
 
-# rollout.reward_format -> the reward function (top-level, so worker processes can import it)
+# rollout.reward_format -> the reward function (top-level, so worker processes can import it).
+# The formats are listed once, as REWARD_FORMATS (the key's choices); a format without a
+# function here, or a function for no format, fails this module's import.
 REWARD_FUNCTIONS = {"any": math_verify_reward, "boxed": boxed_math_verify_reward, "number": final_number_reward}
+if set(REWARD_FUNCTIONS) != set(REWARD_FORMATS):
+    raise ImportError(
+        f"REWARD_FUNCTIONS maps {', '.join(REWARD_FUNCTIONS)} but workflows.config.REWARD_FORMATS lists "
+        f"{', '.join(REWARD_FORMATS)}; make them name the same formats"
+    )
 
 
 def _init_worker() -> None:
