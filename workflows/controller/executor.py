@@ -50,7 +50,8 @@ from workflows.api import AcceptFn, RolloutWorkflow, Trajectory
 from workflows.config import RolloutConfig
 from workflows.controller.failures import FailureTracker, RolloutFailureError
 from workflows.controller.staleness import RolloutStats, StalenessManager
-from workflows.controller.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult
+from workflows.controller.task_result import TaskQueueFullError, TaskResult
+from workflows.controller.task_runner import AsyncTaskRunner
 from workflows.rollout.batch import concat_padded_tensors, oldest_version
 
 logger = logging.getLogger(__name__)
