@@ -8,8 +8,8 @@ import pytest
 
 from engines.config import GenerationConfig
 from engines.inference import GenerationResponse
-from workflows.rollout.reward import RewardScorer
 from workflows.data.dataset import held_out_rows
+from workflows.rollout.reward import RewardScorer
 from workflows.training.evaluation import evaluate_rows, pass_at_k, summarize
 
 
