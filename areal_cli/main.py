@@ -51,7 +51,8 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
             cfg = resolve_or_exit(words)
             from engines.hub import HubError
             from workflows.controller.failures import RolloutFailureError
-            from workflows.training.recover import CheckpointWriteError, CorruptCheckpointError
+            from workflows.training.checkpoint_files import CheckpointWriteError
+            from workflows.training.recover import CorruptCheckpointError
             from workflows.training.trainer import run_training  # heavy imports only when training
 
             launcher = None

@@ -31,27 +31,9 @@ from engines.factories import (
     validate_and_force_pad_to_maximum,
 )
 from engines.logprobs import token_logprobs
+from engines.micro_batches import micro_batches
 from engines.ppo import kl_penalty, masked_mean, ppo_clipped_loss
 from engines.weights import publish_weights
-
-
-def split_micro_batches(lengths: list[int], max_tokens: int, pad_to: int = 0) -> list[list[int]]:
-    """Group sequence indices, in order, so that each group's padded size (number of
-    sequences x longest length, or x `pad_to`) stays within `max_tokens`."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i, n in enumerate(lengths):
-        width = pad_to or max(longest, n)
-        if current and width * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current, longest = [], 0
-            width = pad_to or n
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        groups.append(current)
-    return groups
 
 
 @dataclass
@@ -214,27 +196,9 @@ class TrainEngine:
     # -- computation ----------------------------------------------------------------------------
 
     def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-        """(row indices, micro-batch) pairs within the token budget, each micro-batch on the
-        engine's device; 2-D tensors are cut to the micro-batch's longest sequence, or
-        padded to `pad_to` with `pad_to_maximum`."""
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        # Longest first, so each micro-batch holds sequences of similar length and pads
-        # little. With `pad_to_maximum` every row has the same width anyway and the batch
-        # order is kept (deterministic mode keeps its numerics).
-        order = list(range(len(lengths))) if self.pad_to else sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        groups = split_micro_batches([lengths[i] for i in order], self.cfg.max_tokens_per_mb, self.pad_to)
-        groups = [[order[j] for j in group] for group in groups]
-        out = []
-        for idx in groups:
-            width = self.pad_to or max(lengths[i] for i in idx)
-            mb = {}
-            for k, v in batch.items():
-                v = v[idx]
-                if v.dim() == 2:
-                    v = v[:, :width] if v.shape[1] >= width else torch.nn.functional.pad(v, (0, width - v.shape[1]))
-                mb[k] = v.to(self.device, non_blocking=True)
-            out.append((idx, mb))
-        return out
+        """`engines.micro_batches.micro_batches` with this engine's token budget
+        (`max_tokens_per_mb`), `pad_to` and device."""
+        return micro_batches(batch, max_tokens=self.cfg.max_tokens_per_mb, pad_to=self.pad_to, device=self.device)
 
     @torch.no_grad()
     def compute_logp(self, batch: dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> torch.Tensor:

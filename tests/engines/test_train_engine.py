@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from engines.config import ActorConfig, OptimizerConfig
-from engines.train_engine import TrainEngine, split_micro_batches
+from engines.micro_batches import split_micro_batches
+from engines.train_engine import TrainEngine
 
 
 def synthetic_batch(B=4, L=12, vocab=500, seed=0):

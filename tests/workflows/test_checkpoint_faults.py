@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from workflows.training.checkpoint_files import CheckpointWriteError, save_checkpoint
 from workflows.training.recover import (
     META_FILE,
-    CheckpointWriteError,
     CorruptCheckpointError,
     RecoverInfo,
     find_recover_checkpoint,
     load_recover_checkpoint,
     read_recover_info,
-    save_checkpoint,
     save_recover_checkpoint,
 )
 

@@ -13,7 +13,7 @@ import torch
 from workflows.config import RolloutConfig
 from workflows.controller.executor import WorkflowExecutor
 from workflows.controller.failures import RolloutFailureError
-from workflows.controller.task_runner import TaskQueueFullError
+from workflows.controller.task_result import TaskQueueFullError
 from workflows.rollout.batch import concat_padded_tensors, oldest_version, staleness_stats
 
 PROMPT_LEN = 3

@@ -14,7 +14,7 @@ import pytest
 from tests.workflows.test_executor import NUM_SAMPLES, FakeEngine, SyntheticWorkflow
 from workflows.config import RolloutConfig
 from workflows.controller.executor import WorkflowExecutor
-from workflows.controller.task_runner import TaskQueueFullError
+from workflows.controller.task_result import TaskQueueFullError
 
 
 def current_rss_gb() -> float:

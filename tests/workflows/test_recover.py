@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from workflows.data.dataset import PromptDataset, PromptLoader, TrainedPrompts
+from workflows.training.checkpoint_files import atomic_directory, remove_stale_temporaries
 from workflows.training.recover import (
     RecoverInfo,
-    atomic_directory,
     capture_rng_state,
     drop_trajectory_dumps,
     find_recover_checkpoint,
     load_recover_checkpoint,
     read_recover_info,
-    remove_stale_temporaries,
     restore_rng_state,
     save_recover_checkpoint,
     truncate_records,

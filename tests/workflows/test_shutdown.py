@@ -159,7 +159,8 @@ def test_a_recover_checkpoint_being_written_is_completed_before_the_stop(tmp_pat
 
 
 def test_a_recover_checkpoint_cut_short_by_a_forced_exit_leaves_the_previous_one(tmp_path):
-    from workflows.training.recover import find_recover_checkpoint, read_recover_info, remove_stale_temporaries
+    from workflows.training.checkpoint_files import remove_stale_temporaries
+    from workflows.training.recover import find_recover_checkpoint, read_recover_info
 
     result = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(tmp_path), "block"], capture_output=True, text=True,
                             cwd=REPO, env=cli_env(), timeout=30)

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from workflows.controller.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult
+from workflows.controller.task_result import TaskQueueFullError, TaskResult
+from workflows.controller.task_runner import AsyncTaskRunner
 
 
 async def sleep_then(value, delay: float = 0.0):

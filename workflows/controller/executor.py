@@ -12,19 +12,22 @@ Algorithm: AReaL's asynchronous RL controller (Fu et al., arXiv 2505.24298, sect
 A rollout may start only while the `StalenessManager` reports capacity: at most
 `max_concurrent_rollouts` run at once, and at most
 `(max_head_offpolicyness + version + 1) * consumer_batch_size` are ever accepted or
-running. That admission rule alone bounds staleness only when trajectories finish in the
-order they started; with long-tailed generation times a slow trajectory can outlive any
-number of versions. So the trainer-side `wait` also drops (and counts as rejected) every
-accepted trajectory whose oldest generated token is more than `max_head_offpolicyness`
-versions behind the current one, which makes the bound hard: every trajectory returned
-by `wait` / `prepare_batch` / `rollout_batch` satisfies
-`min(versions[versions >= 0]) >= version - max_head_offpolicyness`. To waste as little
-generation as possible, ready trajectories are handed out oldest version first.
+running. The trainer-side `wait` also drops (and counts as rejected) every accepted
+trajectory whose oldest generated token is more than `max_head_offpolicyness` versions
+behind the current one, which makes the bound hard even with long-tailed generation
+times: every trajectory returned by `wait` / `prepare_batch` / `rollout_batch` satisfies
+`min(versions[versions >= 0]) >= version - max_head_offpolicyness`. Ready trajectories
+are handed out oldest version first.
 
 No hang: rollouts that keep failing would otherwise be replaced by new ones forever. Once
 too many fail, in a row or as a share of the recent ones (`workflows/controller/failures.py`
 decides), the executor starts no more and `wait` / `prepare_batch` / `rollout_batch`
 raise `RolloutFailureError`, naming the count, the reasons and the last error.
+
+Parts: the pending queue, its hand-over to the runner and the accounting of each
+rollout's outcome are `Admission` (workflows/controller/admission.py); the ready
+trajectories, oldest first and expired when too stale, are `ReadyTrajectories`
+(workflows/controller/ready.py). This module drives both for the trainer.
 
 Threads: `submit`, `pause`, `resume`, `get_capacity` and `get_stats` are thread-safe.
 `wait`, `prepare_batch` and `rollout_batch` consume results and must be called from one
@@ -33,14 +36,8 @@ thread at a time (the trainer's).
 
 from __future__ import annotations
 
-import itertools
-import json
-import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,26 +45,13 @@ import torch
 
 from workflows.api import AcceptFn, RolloutWorkflow, Trajectory
 from workflows.config import RolloutConfig
-from workflows.controller.failures import FailureTracker, RolloutFailureError
+from workflows.controller.admission import Admission
+from workflows.controller.failures import RolloutFailureError
+from workflows.controller.ready import ReadyTrajectories, dump_trajectories
 from workflows.controller.staleness import RolloutStats, StalenessManager
-from workflows.controller.task_runner import AsyncTaskRunner, TaskQueueFullError, TaskResult
-from workflows.rollout.batch import concat_padded_tensors, oldest_version
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Pending:
-    task_id: int
-    data: dict
-    workflow: RolloutWorkflow
-    should_accept: AcceptFn | None
-
-
-@dataclass
-class _Ready:
-    trajectory: Trajectory
-    oldest_version: int | None  # cached: checked against the version on every wait
+from workflows.controller.task_result import TaskResult
+from workflows.controller.task_runner import AsyncTaskRunner
+from workflows.rollout.batch import concat_padded_tensors
 
 
 class WorkflowExecutor:
@@ -130,18 +114,8 @@ class WorkflowExecutor:
             max_head_offpolicyness=config.max_head_offpolicyness,
             version_provider=inference_engine.get_version,
         )
-        # Guards the pending queue and the hand-over to the runner, which happens both on
-        # the trainer thread and on the runner thread (each finished rollout frees a slot).
-        self._lock = threading.Lock()
-        self._pending: deque[_Pending] = deque()
-        self._ready: dict[int, _Ready] = {}  # completion order; trainer thread only
-        self._task_ids = itertools.count()
-        self._failures = FailureTracker(config)  # runner thread, under _lock
-        self._paused = False
-        self._destroyed = False
-        self._runner: AsyncTaskRunner | None = None
-        self._data_source: Iterable | None = None
-        self._data_iter: Iterator | None = None
+        self._admission = Admission(config, self.staleness_manager, inference_engine, group_filter)
+        self._ready = ReadyTrajectories()  # trainer thread only
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,18 +125,19 @@ class WorkflowExecutor:
         Raises:
             RuntimeError: if called twice.
         """
-        if self._runner is not None:
+        if self._admission.runner is not None:
             raise RuntimeError("WorkflowExecutor.initialize() called twice")
         if self.trajectory_dump_dir is not None:
             self.trajectory_dump_dir.mkdir(parents=True, exist_ok=True)
         # Only admitted rollouts reach the runner, so its queue never holds more than
         # max_concurrent_rollouts; the +1 is slack, not a second bound.
-        self._runner = AsyncTaskRunner(
+        runner = AsyncTaskRunner(
             max_queue_size=self.config.max_concurrent_rollouts + 1,
             name="areal-rollout",
-            on_result=self._on_result,
+            on_result=self._admission.on_result,
         )
-        self._runner.start()
+        self._admission.runner = runner
+        runner.start()
 
     def destroy(self) -> None:
         """Cancel in-flight rollouts (counted as rejected) and stop the rollout thread.
@@ -170,10 +145,9 @@ class WorkflowExecutor:
         Returns within about `destroy_timeout` seconds. Queued, never-started data is
         dropped and stays counted as `enqueued`.
         """
-        with self._lock:
-            self._destroyed = True
-        if self._runner is not None:
-            self._runner.destroy(self.destroy_timeout)
+        self._admission.close()
+        if self._admission.runner is not None:
+            self._admission.runner.destroy(self.destroy_timeout)
 
     def __enter__(self) -> WorkflowExecutor:
         self.initialize()
@@ -199,75 +173,9 @@ class WorkflowExecutor:
             TaskQueueFullError: if `rollout.queue_size` episodes already wait to start.
             RuntimeError: before `initialize` or after `destroy`.
         """
-        task_id = self._enqueue(data, workflow, should_accept, bounded=True)
-        self._flush()
+        task_id = self._admission.enqueue(data, workflow, should_accept, bounded=True)
+        self._admission.flush()
         return task_id
-
-    def _enqueue(self, data: dict, workflow: RolloutWorkflow, should_accept: AcceptFn | None, *, bounded: bool) -> int:
-        with self._lock:
-            if self._runner is None or self._destroyed:
-                raise RuntimeError("WorkflowExecutor needs initialize() and no destroy() before submitting")
-            if bounded and len(self._pending) >= self.config.queue_size:
-                raise TaskQueueFullError(
-                    f"{len(self._pending)} episodes already wait to start (rollout.queue_size="
-                    f"{self.config.queue_size}); wait() for results or raise rollout.queue_size"
-                )
-            task_id = next(self._task_ids)
-            self._pending.append(_Pending(task_id, data, workflow, should_accept))
-            self.staleness_manager.on_rollout_enqueued()
-        return task_id
-
-    def _flush(self) -> None:
-        """Hand pending episodes to the runner while there is capacity (any thread)."""
-        with self._lock:
-            if self._runner is None:
-                return
-            while self._pending and not self._paused and not self._destroyed and self._failures.failure is None:
-                if self.staleness_manager.get_capacity() <= 0:
-                    break
-                item = self._pending.popleft()
-                self.staleness_manager.on_rollout_submitted()
-                self._runner.submit(
-                    self._run_episode, item.workflow, item.data, item.should_accept, task_id=item.task_id
-                )
-
-    async def _run_episode(self, workflow: RolloutWorkflow, data: dict, should_accept: AcceptFn | None) -> Trajectory | None:
-        trajectory = await workflow.arun_episode(self.inference_engine, data)
-        if trajectory is None:
-            self._count_rejection("none")
-            return None
-        if not isinstance(trajectory, dict):
-            raise TypeError(f"arun_episode must return a dict of tensors or None, got {type(trajectory).__name__}")
-        if should_accept is not None and not should_accept(trajectory):
-            self._count_rejection("should_accept")
-            return None
-        if self.group_filter is not None and not self.group_filter(trajectory):
-            self._count_filtered()
-            return None
-        return trajectory
-
-    def _count_filtered(self) -> None:
-        with self._lock:
-            self._failures.on_filtered()
-
-    def _count_rejection(self, reason: str, error: str | None = None) -> None:
-        with self._lock:
-            self._failures.on_rejected(reason, error)
-
-    def _on_result(self, result: TaskResult) -> None:
-        # Runs on the runner thread before the result is visible to `wait`, so a woken
-        # trainer already sees the updated counters.
-        if result.accepted:
-            self.staleness_manager.on_rollout_accepted()
-            with self._lock:
-                self._failures.on_accepted()
-        else:
-            self.staleness_manager.on_rollout_rejected()
-            if result.error is not None:
-                self._count_rejection("cancelled" if result.cancelled else "error", None if result.cancelled else result.error)
-        # Refill from here rather than from the trainer thread: the trainer may be busy
-        # in a training step, and a free slot should not sit idle until it returns.
-        self._flush()
 
     # ------------------------------------------------------------------ consumption
 
@@ -298,11 +206,11 @@ class WorkflowExecutor:
             raise ValueError(f"count must be >= 1, got {count}")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._raise_if_failed()
+            self._admission.raise_if_failed()
             self._drain()
             self._expire_stale()
             if len(self._ready) >= count:
-                return self._take(self._oldest_first(count))
+                return concat_padded_tensors(self._take_each(self._ready.oldest_first(count)))
             self._pull(deadline, wanted=count)
 
     def rollout_batch(
@@ -319,17 +227,17 @@ class WorkflowExecutor:
                 the staleness bound allows at this version), or before `initialize`.
             RolloutFailureError: as in `wait`.
         """
-        self._raise_if_failed()
-        ids = [self._enqueue(item, workflow, should_accept, bounded=False) for item in data]
-        self._flush()
+        self._admission.raise_if_failed()
+        ids = [self._admission.enqueue(item, workflow, should_accept, bounded=False) for item in data]
+        self._admission.flush()
         outstanding = set(ids)
         while outstanding:
             for result in self._pull(None, wanted=len(outstanding)):
                 outstanding.discard(result.task_id)
-        self._raise_if_failed()
+        self._admission.raise_if_failed()
         self._expire_stale()
         mine = [task_id for task_id in ids if task_id in self._ready]
-        return self._take(mine) if mine else {}
+        return concat_padded_tensors(self._take_each(mine)) if mine else {}
 
     def prepare_batch(
         self,
@@ -375,41 +283,21 @@ class WorkflowExecutor:
         first), for a caller that stores each on its own (a disaggregated rollout worker)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._raise_if_failed()
-            self._refill(dataloader, workflow, should_accept)
-            self._flush()
+            self._admission.raise_if_failed()
+            self._admission.refill(dataloader, workflow, should_accept)
+            self._admission.flush()
             # Take what finished meanwhile even when enough is ready: the oldest-first pick
             # must see a straggler that just came back, or it would expire in the runner's queue.
             self._drain()
             self._expire_stale()
             if len(self._ready) >= self.consumer_batch_size:
-                return self._take_each(self._oldest_first(self.consumer_batch_size))
+                return self._take_each(self._ready.oldest_first(self.consumer_batch_size))
             self._pull(deadline, wanted=self.consumer_batch_size, can_refill=True)
 
     @property
     def num_ready(self) -> int:
         """Accepted trajectories waiting for the consumer (trainer thread only)."""
         return len(self._ready)
-
-    def _refill(self, dataloader: Iterable[list[dict]], workflow: RolloutWorkflow, should_accept: AcceptFn | None) -> None:
-        if self._data_source is not dataloader:
-            self._data_source = dataloader
-            self._data_iter = iter(dataloader)
-        room = min(self.staleness_manager.get_staleness_room(), self.config.queue_size)
-        while len(self._pending) < room:
-            assert self._data_iter is not None
-            try:
-                items = next(self._data_iter)
-            except StopIteration:
-                self._data_iter = iter(dataloader)
-                try:
-                    items = next(self._data_iter)
-                except StopIteration:
-                    raise ValueError("the dataloader yields no data") from None
-            if not isinstance(items, (list, tuple)):
-                raise TypeError(f"dataloader items must be lists of data dicts, got {type(items).__name__}")
-            for item in items:
-                self._enqueue(item, workflow, should_accept, bounded=False)
 
     def _pull(self, deadline: float | None, *, wanted: int, can_refill: bool = False) -> list[TaskResult]:
         """Block for at least one result from the runner; move accepted ones to `_ready`.
@@ -419,9 +307,9 @@ class WorkflowExecutor:
         every rollout may have finished, rejected, since the caller last refilled.
         """
         runner = self._require_runner()
-        self._flush()
-        self._raise_if_failed()
-        if not self._check_progress_possible(wanted, can_refill=can_refill):
+        self._admission.flush()
+        self._admission.raise_if_failed()
+        if not self._admission.check_progress_possible(wanted, len(self._ready), can_refill=can_refill):
             return []
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
@@ -445,109 +333,36 @@ class WorkflowExecutor:
     def _ingest(self, results: list[TaskResult]) -> None:
         for result in results:
             if result.accepted:
-                trajectory = result.data
-                versions = trajectory.get("versions")
-                oldest = oldest_version(versions) if isinstance(versions, torch.Tensor) else None
-                self._ready[result.task_id] = _Ready(trajectory, oldest)  # type: ignore[index]
-
-    def _raise_if_failed(self) -> None:
-        with self._lock:
-            failure = self._failures.failure
-        if failure is not None:
-            raise failure.copy()
+                self._ready.add(result.task_id, result.data)  # type: ignore[arg-type]
 
     @property
     def failure(self) -> RolloutFailureError | None:
         """The `RolloutFailureError` this executor has stopped on, or None."""
-        with self._lock:
-            return self._failures.failure
-
-    def _check_progress_possible(self, wanted: int, *, can_refill: bool = False) -> bool:
-        """True when a result can still arrive; False when none can but the caller may
-        refill (`can_refill` and staleness room left). Raises when no progress is possible."""
-        runner = self._require_runner()
-        # Under the lock no flush can move pending work to the runner, and with nothing
-        # outstanding no result can arrive to trigger one, so the answer cannot go stale.
-        with self._lock:
-            if runner.get_num_outstanding() > 0 or self._paused:
-                return True
-            if not self._pending:
-                if can_refill and self.staleness_manager.get_staleness_room() > 0:
-                    return False
-                raise RuntimeError(
-                    f"waiting for {wanted} trajectories with {len(self._ready)} ready and no rollout pending or running"
-                )
-            if self.staleness_manager.get_capacity() <= 0:
-                stats = self.staleness_manager.get_stats()
-                raise RuntimeError(
-                    f"{len(self._pending)} rollouts are queued but capacity is exhausted at version "
-                    f"{self.inference_engine.get_version()} ({stats}); with {len(self._ready)} of {wanted} ready "
-                    "they can never start. Raise rollout.max_head_offpolicyness or the consumer batch size, "
-                    "or use a separate executor for evaluation"
-                )
-        return True
-
-    def _oldest_first(self, count: int) -> list[int]:
-        # Earliest deadline first: a trajectory expires `max_head_offpolicyness` versions
-        # after its oldest token, so taking the oldest first minimises expiries (EDF is
-        # optimal for meeting deadlines). In completion order a straggler would queue
-        # behind a full staleness window of fresh trajectories and expire there.
-        # Trajectories without versions never expire and go last; ties keep completion order.
-        def deadline(item: tuple[int, _Ready]) -> float:
-            oldest = item[1].oldest_version
-            return float("inf") if oldest is None else oldest
-
-        return [task_id for task_id, _ in sorted(self._ready.items(), key=deadline)[:count]]
+        return self._admission.failure
 
     def _expire_stale(self) -> None:
-        version = self.inference_engine.get_version()
-        bound = version - self.config.max_head_offpolicyness
-        for task_id, ready in list(self._ready.items()):
-            if ready.oldest_version is not None and ready.oldest_version < bound:
-                del self._ready[task_id]
-                self.staleness_manager.on_rollout_expired()
-                self._count_rejection("expired")
-                logger.info(
-                    "dropped rollout %d: oldest token from version %d, trainer at %d (max_head_offpolicyness=%d)",
-                    task_id,
-                    ready.oldest_version,
-                    version,
-                    self.config.max_head_offpolicyness,
-                )
-
-    def _take(self, task_ids: list[int]) -> dict[str, torch.Tensor]:
-        return concat_padded_tensors(self._take_each(task_ids))
+        for _ in self._ready.expire(self.inference_engine.get_version(), self.config.max_head_offpolicyness):
+            self.staleness_manager.on_rollout_expired()
+            self._admission.count_rejection("expired")
 
     def _take_each(self, task_ids: list[int]) -> list[Trajectory]:
-        trajectories = [self._ready.pop(task_id).trajectory for task_id in task_ids]
+        trajectories = self._ready.take(task_ids)
         if self.trajectory_dump_dir is not None:
-            self._dump(task_ids, trajectories)
+            version = self.inference_engine.get_version()
+            dump_trajectories(self.trajectory_dump_dir / f"{version}.jsonl", version, task_ids, trajectories)
         return trajectories
-
-    def _dump(self, task_ids: list[int], trajectories: list[Trajectory]) -> None:
-        version = self.inference_engine.get_version()
-        assert self.trajectory_dump_dir is not None
-        with open(self.trajectory_dump_dir / f"{version}.jsonl", "a", encoding="utf-8") as f:
-            for task_id, trajectory in zip(task_ids, trajectories):
-                for record in _sample_records(trajectory):
-                    f.write(json.dumps({"version": version, "task_id": task_id, **record}) + "\n")
 
     # ------------------------------------------------------------------ control and stats
 
     def pause(self) -> None:
         """Start no new rollouts (e.g. during a weight update); running ones continue."""
-        runner = self._require_runner()
-        with self._lock:
-            self._paused = True
-            runner.pause()
+        self._require_runner()
+        self._admission.pause()
 
     def resume(self) -> None:
         """Undo `pause` and start whatever capacity allows."""
-        runner = self._require_runner()
-        with self._lock:
-            self._paused = False
-            runner.resume()
-        self._flush()
+        self._require_runner()
+        self._admission.resume()
 
     def run_outside_bound(self, coroutine, timeout: float | None = None):
         """Run `coroutine` (e.g. an evaluation using the inference engine) on the rollout
@@ -566,31 +381,14 @@ class WorkflowExecutor:
     @property
     def rejection_counts(self) -> dict[str, int]:
         """Rejections by reason: none, should_accept, error, cancelled, expired, filtered."""
-        with self._lock:
-            return dict(self._failures.rejections)
+        return self._admission.rejections()
 
     @property
     def num_expired(self) -> int:
         """Accepted trajectories dropped for exceeding `max_head_offpolicyness`."""
-        with self._lock:
-            return self._failures.rejections["expired"]
+        return self._admission.rejections().get("expired", 0)
 
     def _require_runner(self) -> AsyncTaskRunner:
-        if self._runner is None:
+        if self._admission.runner is None:
             raise RuntimeError("call WorkflowExecutor.initialize() first")
-        return self._runner
-
-
-def _sample_records(trajectory: Trajectory) -> Iterator[dict]:
-    """One JSON-ready dict per sample: token ids (padding stripped), versions, loss mask, reward."""
-    input_ids = trajectory["input_ids"]
-    mask = trajectory.get("attention_mask")
-    for i in range(input_ids.shape[0]):
-        keep = mask[i].bool() if mask is not None else torch.ones_like(input_ids[i], dtype=torch.bool)
-        record: dict[str, Any] = {"input_ids": input_ids[i][keep].tolist()}
-        for key in ("versions", "loss_mask"):
-            if key in trajectory:
-                record[key] = trajectory[key][i][keep].tolist()
-        if "rewards" in trajectory:
-            record["reward"] = float(trajectory["rewards"][i])
-        yield record
+        return self._admission.runner

@@ -20,7 +20,7 @@ import logging
 from collections import Counter, deque
 
 from workflows.config import RolloutConfig
-from workflows.controller.task_runner import last_line
+from workflows.controller.task_result import last_line
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ The shape follows AReaL's rollout thread (arXiv 2505.24298, section 5.1; the
 queue on a fixed sleep, and `destroy` cancels tasks still in flight instead of abandoning
 them. A task that raises or is cancelled becomes a `TaskResult` with `data=None` and the
 traceback in `error`; it is logged (the whole traceback the first time an error occurs,
-its last line after that) and counted, and the runner keeps going.
+its last line after that) and counted, and the runner keeps going. `TaskResult` and
+`TaskQueueFullError` are in `workflows/controller/task_result.py`.
 """
 
 from __future__ import annotations
@@ -29,42 +30,9 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from workflows.controller.task_result import ResultCallback, TaskId, TaskQueueFullError, TaskResult, last_line
+
 logger = logging.getLogger(__name__)
-
-TaskId = int | str
-ResultCallback = Callable[["TaskResult"], None]
-
-
-def last_line(traceback_text: str) -> str:
-    """The final non-empty line of a formatted traceback: `ExceptionType: message`."""
-    lines = [line.strip() for line in traceback_text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else traceback_text
-
-
-class TaskQueueFullError(RuntimeError):
-    """`AsyncTaskRunner.submit` found `max_queue_size` tasks waiting to start."""
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """What one task produced.
-
-    Attributes:
-        task_id: the id `submit` returned.
-        data: the coroutine's return value, or None if it raised or was cancelled.
-        error: the formatted traceback (or a cancellation note), or None on success.
-        cancelled: True if the task was cancelled (by `destroy`) rather than failing.
-    """
-
-    task_id: TaskId
-    data: Any = None
-    error: str | None = None
-    cancelled: bool = False
-
-    @property
-    def accepted(self) -> bool:
-        """True when the task finished without error and returned something other than None."""
-        return self.error is None and self.data is not None
 
 
 @dataclass

@@ -10,10 +10,11 @@ Layout (`<run_dir>/checkpoints/recover/`, written only by rank 0):
                      size and SHA-256 of every other file; written last: a directory
                      without a readable meta.json is not a checkpoint
 
-Atomicity: a checkpoint is assembled in `checkpoints/.recover.tmp-<pid>/`, every file is
-fsynced, and then it replaces `recover/` by two renames (`recover` -> `recover.old`,
-tmp -> `recover`) before `recover.old` is deleted. A crash at any point leaves either
-`recover/` or `recover.old/` complete; `find_recover_checkpoint` takes `recover/` when it
+Atomicity (`atomic_directory`, workflows/training/checkpoint_files.py): a checkpoint is
+assembled in `checkpoints/.recover.tmp-<pid>/`, every file is fsynced, and then it
+replaces `recover/` by two renames (`recover` -> `recover.old`, tmp -> `recover`) before
+`recover.old` is deleted. A crash at any point leaves either `recover/` or `recover.old/`
+complete; `find_recover_checkpoint` takes `recover/` when it
 is complete and `recover.old/` otherwise, so a half-written checkpoint is never "latest".
 A write that fails (a full disk, an I/O error) deletes its temporary directory and raises
 `CheckpointWriteError` naming the path; the previous checkpoint stays as it was.
@@ -57,21 +58,19 @@ right after step N's stats record is written and before its checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+
+from workflows.training.checkpoint_files import file_manifest, file_sha256, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +78,6 @@ RECOVER_NAME = "recover"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 FAULT_ENV = "AREAL_FAULT_AFTER_STEP"
-_HASH_BLOCK = 8 << 20  # bytes read at a time while hashing
-
-
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (disk full, I/O error); the message names the path.
-    Nothing of the failed write is left, and the previous checkpoint is untouched."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -121,66 +114,6 @@ class RecoverInfo:
     files: dict = field(default_factory=dict)
 
 
-# -- atomic directories -------------------------------------------------------------------------
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and swap it in for `final` on success.
-
-    Yields the temporary directory to fill. On normal exit its files are fsynced, an
-    existing `final` is renamed to `<final>.old`, the new one is renamed to `final`, and
-    `<final>.old` is deleted; on an exception the temporary directory is deleted and
-    `final` is untouched. Readers must fall back to `<final>.old` when `final` is missing
-    (a crash between the two renames); `find_recover_checkpoint` does.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    old = final.parent / f"{final.name}.old"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def remove_stale_temporaries(checkpoints_dir: Path) -> None:
-    """Delete the `.<name>.tmp-*` directories of `atomic_directory` writes that a crash
-    interrupted (recover and step checkpoints alike)."""
-    for path in Path(checkpoints_dir).glob(".*.tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
-
-
 # -- reading --------------------------------------------------------------------------------
 
 
@@ -202,20 +135,6 @@ def read_recover_info(path: Path) -> RecoverInfo:
     return info
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_manifest(root: Path) -> dict[str, list]:
-    """{path relative to `root`: [size in bytes, SHA-256 hex]} of every file under `root`."""
-    root = Path(root)
-    return {str(p.relative_to(root)): [p.stat().st_size, _sha256(p)] for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def check_files(path: Path, info: RecoverInfo, *, digests: bool) -> None:
     """Compare the checkpoint's files with its manifest: sizes always, SHA-256 digests
     when `digests` (reading every byte: about a second per GB).
@@ -230,7 +149,7 @@ def check_files(path: Path, info: RecoverInfo, *, digests: bool) -> None:
         if file.stat().st_size != size:
             raise CorruptCheckpointError(
                 f"recover checkpoint {path}: {name} has {file.stat().st_size} bytes, {size} were written (truncated?)")
-        if digests and _sha256(file) != digest:
+        if digests and file_sha256(file) != digest:
             raise CorruptCheckpointError(f"recover checkpoint {path}: {name} does not match its SHA-256 (corrupted)")
 
 
@@ -322,30 +241,6 @@ def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo) ->
 
     write_atomically(final, write, what="recover checkpoint")
     return final
-
-
-def save_checkpoint(engine, path: Path, tokenizer=None) -> Path:
-    """`engine.save(path, tokenizer)` (a Hugging Face model directory), atomically: a full
-    disk leaves no half-written `path` that `areal eval` or a user would load.
-
-    Raises:
-        CheckpointWriteError: the write failed; the message names `path`.
-    """
-    write_atomically(Path(path), lambda tmp: engine.save(tmp, tokenizer), what="checkpoint")
-    return Path(path)
-
-
-def write_atomically(final: Path, write, *, what: str) -> None:
-    """`write(tmp)` inside `atomic_directory(final)`, with an I/O failure reported as
-    `CheckpointWriteError` naming `final` (the previous `final`, if any, stays intact).
-    torch's writer reports the OS error of a short write as a RuntimeError, safetensors'
-    as a SafetensorError; both count as I/O failures."""
-    try:
-        with atomic_directory(final) as tmp:
-            write(tmp)
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        kept = " (the previous one is intact)" if Path(final).exists() else ""
-        raise CheckpointWriteError(f"writing the {what} {final} failed{kept}: {exc}") from exc
 
 
 def load_recover_checkpoint(path: Path, engine, inference) -> RecoverInfo:

@@ -39,13 +39,13 @@ from workflows.data.dataset import PromptLoader, TrainedPrompts, load_eval_rows,
 from workflows.metrics.stats import NullStatsLogger, StatsLogger
 from workflows.rollout.reward import RewardScorer
 from workflows.rollout.rlvr import RLVRWorkflow
+from workflows.training.checkpoint_files import remove_stale_temporaries
 from workflows.training.recover import (
     CorruptCheckpointError,
     drop_trajectory_dumps,
     find_recover_checkpoint,
     load_recover_checkpoint,
     read_recover_info,
-    remove_stale_temporaries,
     truncate_records,
 )
 

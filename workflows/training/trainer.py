@@ -62,14 +62,9 @@ from workflows.control_plane.rollouts import WorkerLauncher
 from workflows.controller.failures import RolloutFailureError
 from workflows.metrics.stats import peak_rss_gb
 from workflows.rollout.batch import staleness_stats
+from workflows.training.checkpoint_files import save_checkpoint
 from workflows.training.evaluation import run_evaluation, stats_of, write_report
-from workflows.training.recover import (
-    RecoverInfo,
-    inject_fault_after,
-    load_rng_state,
-    save_checkpoint,
-    save_recover_checkpoint,
-)
+from workflows.training.recover import RecoverInfo, inject_fault_after, load_rng_state, save_recover_checkpoint
 from workflows.training.run import Run, build_run, close_run, find_resume_point, last_recover_step, restore_or_reset
 from workflows.training.shutdown import RunInterrupted, deferred_stop, stop_on_signals
 
