@@ -5,6 +5,7 @@ import torch
 
 from engines.config import GenerationConfig
 from engines.inference import LocalInferenceEngine
+from workflows.api import TRAJECTORY_KEYS, RolloutWorkflow
 from workflows.rollout.reward import RewardScorer
 from workflows.rollout.rlvr import RLVRWorkflow
 
@@ -26,6 +27,8 @@ def test_episode_is_a_padded_scored_group(tiny_model, tokenizer, scorer):
     t = asyncio.run(workflow.arun_episode(engine, row))
     engine.destroy()
 
+    assert isinstance(workflow, RolloutWorkflow)
+    assert set(t) == set(TRAJECTORY_KEYS)  # exactly the contract's format
     n, width = t["input_ids"].shape
     assert n == 3 and t["rewards"].shape == (3,) and t["rewards"].dtype == torch.float32
     assert set(t["rewards"].tolist()) <= {0.0, 1.0}

@@ -9,6 +9,7 @@ import torch
 
 from engines.config import GenerationConfig
 from engines.inference import GenerationRequest, GenerationResponse, InferenceEngine
+from workflows.api import Trajectory
 from workflows.rollout.reward import RewardScorer
 
 
@@ -16,18 +17,9 @@ class RLVRWorkflow:
     """Sample `gconfig.n_samples` completions of one prompt concurrently and score them.
 
     `await arun_episode(engine, data)` with `data = {"prompt_ids": list[int], "answer":
-    str, ...}` returns a trajectory dict of right-padded tensors, one row per completion
-    (n = n_samples, L = longest prompt + completion):
-
-        input_ids       [n, L] long     prompt then completion, padded with pad_token_id
-        attention_mask  [n, L] long     1 on real tokens
-        loss_mask       [n, L] long     1 on completion tokens (the ones trained)
-        logprobs        [n, L] float32  behaviour logprob of each completion token, else 0
-        versions        [n, L] long     policy version that sampled the token; -1 on prompt
-        rewards         [n]    float32  1.0 correct, 0.0 otherwise
-        prompt_id       [n]    long     `data["id"]`, to keep batches in a stable order
-        epoch           [n]    long     `data["epoch"]` (set by `PromptLoader`; 0 if absent),
-                                        so crash recovery knows which epoch trained it
+    str, "id": int, "epoch": int, ...}` returns a `Trajectory` (workflows/api.py), one row
+    per completion (n = n_samples), whose `rewards` [n] float32 are 1.0 for a correct
+    answer and 0.0 otherwise; `epoch` is 0 when `data` has none.
 
     With `seed`, each prompt's group is sampled from its own seeded RNG (deterministic
     mode). An engine failure propagates; the rollout controller counts it as rejected.
@@ -39,7 +31,7 @@ class RLVRWorkflow:
         self.scorer = scorer
         self.seed = seed
 
-    async def arun_episode(self, engine: InferenceEngine, data: dict) -> Optional[dict[str, torch.Tensor]]:
+    async def arun_episode(self, engine: InferenceEngine, data: dict) -> Optional[Trajectory]:
         seed = None
         if self.seed is not None:
             # One seed per (run seed, prompt, policy version): the group's samples are
@@ -67,7 +59,8 @@ def has_reward_variance(trajectory: dict[str, torch.Tensor]) -> bool:
 def pack_trajectory(
     responses: list[GenerationResponse], rewards: list[float], *, pad_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Right-pad prompt+completion rows into the trajectory tensors described above."""
+    """Right-pad prompt+completion rows into a `Trajectory`'s tensors (all but `prompt_id`
+    and `epoch`, which the workflow adds)."""
     n = len(responses)
     width = max(len(r.input_ids) + len(r.output_ids) for r in responses)
     out = {
