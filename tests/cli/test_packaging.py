@@ -46,6 +46,9 @@ def test_package_data_is_in_the_wheel(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("areal-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(PACKAGE_DATA) <= names, sorted(set(PACKAGE_DATA) - names)
+    # Every module, subpackages included (workflows/controller/, ...).
+    modules = {str(p.relative_to(REPO)) for package in PACKAGES for p in (REPO / package).rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
 
 
 @pytest.mark.slow
