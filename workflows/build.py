@@ -65,7 +65,8 @@ def build_inference(
 
     Raises:
         FileNotFoundError: no interpreter with the server backend installed.
-        TimeoutError: a server did not answer /health within `rollout.server_startup_timeout` seconds.
+        ServerStartError: a server exited, or did not answer /health within
+            `rollout.server_startup_timeout` seconds.
     """
     r = cfg.rollout
     if r.backend == "local":
