@@ -45,6 +45,11 @@ def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
     if actor.overlong_buffer_tokens > g.max_new_tokens:
         errors.append(f"actor.overlong_buffer_tokens={actor.overlong_buffer_tokens} exceeds gconfig.max_new_tokens="
                       f"{g.max_new_tokens}; the penalty buffer must fit in the generation budget")
+    if actor.kl_ctl > 0 and actor.kl_estimator == "k1":
+        errors.append(
+            "actor.kl_estimator=k1 puts no force in the loss (the gradient of log p - log p_ref is zero on average "
+            "under the policy's samples), so actor.kl_ctl would add only noise; use actor.kl_estimator=k3 or k2"
+        )
     if actor.use_decoupled_loss and not actor.recompute_logprob:
         errors.append(
             "actor.use_decoupled_loss=True needs the proximal logprobs; set actor.recompute_logprob=true"

@@ -159,11 +159,28 @@ class ActorConfig:
     )
     max_tokens_per_mb: int = option(8192, "Tokens per micro-batch (prompt + completion).")
     ppo_n_minibatches: int = option(1, "Optimizer steps per training batch.")
-    eps_clip: float = option(0.2, "The PPO ratio clip.")
+    eps_clip: float = option(0.2, "The PPO ratio clip: the ratio is kept within [1 - eps_clip, 1 + eps_clip_higher].")
+    eps_clip_higher: Optional[float] = option(
+        None,
+        "The upper ratio clip (DAPO's clip-higher, Yu et al., 2025, arXiv 2503.14476, uses 0.28 with eps_clip 0.2: "
+        "unlikely tokens with a positive advantage can gain more probability, against entropy collapse); null: "
+        "eps_clip.",
+    )
+    c_clip: Optional[float] = option(
+        None,
+        "Dual clip (Ye et al., 2020, arXiv 1912.09729; 3 in the paper): a token with a negative advantage adds at "
+        "most c_clip x |advantage| to the loss whatever its ratio; null: off.",
+    )
     reward_scaling: float = option(1.0, "The advantage's input is (reward + reward_bias) * reward_scaling.")
     reward_bias: float = option(0.0, "Added to each reward before scaling (see reward_scaling).")
     kl_ctl: float = option(0.0, "KL penalty coefficient against the initial policy; 0 disables the penalty.")
-    kl_estimator: str = option("k1", "The estimator of the KL penalty.", choices=KL_ESTIMATORS)
+    kl_estimator: str = option(
+        "k3",
+        "The estimator of the KL penalty in the loss (Schulman, 'Approximating KL Divergence', 2020). k3, as "
+        "GRPO (DeepSeekMath eq. 4): unbiased and >= 0; k2: r^2/2; k1 is refused there, because the gradient of "
+        "log p - log p_ref is zero on average under the policy's own samples.",
+        choices=KL_ESTIMATORS,
+    )
     group_reward_norm: bool = option(
         True,
         "GRPO: normalise rewards within each prompt's group; false uses the shifted, scaled reward itself as the "

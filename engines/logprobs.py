@@ -30,19 +30,39 @@ from transformers import LogitsProcessor
 LOGITS_CHUNK_BYTES = 64 << 20
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _scaled_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """(log p(targets), entropy or None) of float32 `logits` [..., V] at `temperature`;
+    the entropy (nats) is computed without gradient: it is a statistic, not a loss term."""
+    if temperature > 0:
+        logits = logits / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        # H = log Z - E_p[z], without materialising log p over the vocabulary.
+        entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return logp, entropy
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    with_entropy: bool = False):
     # In float32 also under autocast: bf16 logits of magnitude ~20 are off by up to 0.06,
     # which would show up directly in every logprob and importance ratio.
     with torch.autocast(hidden.device.type, enabled=False):
         logits = nn.functional.linear(hidden.float(), weight.float())
-    if temperature > 0:
-        logits = logits / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logp, entropy = _scaled_logprobs(logits, targets, temperature, with_entropy)
+    return (logp, entropy) if with_entropy else logp
 
 
 def selective_log_softmax(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_bytes: Optional[int] = None
-) -> torch.Tensor:
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    chunk_bytes: Optional[int] = None,
+    with_entropy: bool = False,
+):
     """log softmax(hidden @ weight.T / temperature)[n, targets[n]] for each row n.
 
     Args:
@@ -53,16 +73,23 @@ def selective_log_softmax(
         chunk_bytes: float32 logits held at once, bytes (default `LOGITS_CHUNK_BYTES`);
             rows are processed in chunks of `chunk_bytes // (4 V)`. Under autograd each chunk is checkpointed, so its
             logits are recomputed in the backward pass rather than stored.
+        with_entropy: also return each row's entropy of the same distribution.
     Returns:
-        [N] float32 logprobs.
+        [N] float32 logprobs; with `with_entropy`, a pair (logprobs, [N] float32
+        entropies in nats, without gradient).
     """
     rows = max(1, (chunk_bytes or LOGITS_CHUNK_BYTES) // (4 * weight.shape[0]))
     track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     parts = []
     for start in range(0, hidden.shape[0], rows):
-        args = (hidden[start : start + rows], weight, targets[start : start + rows], temperature)
+        args = (hidden[start : start + rows], weight, targets[start : start + rows], temperature, with_entropy)
         parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if track else _chunk_logprobs(*args))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    if not with_entropy:
+        return torch.cat(parts) if parts else empty
+    if not parts:
+        return empty, empty
+    return torch.cat([p for p, _ in parts]), torch.cat([e for _, e in parts])
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -91,7 +118,8 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     temperature: float,
     score_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+):
     """log p(input_ids[:, t] | input_ids[:, :t]) under `model` at `temperature`.
 
     Args:
@@ -100,28 +128,37 @@ def token_logprobs(
         input_ids, attention_mask: [B, L] long, right-padded.
         score_mask: [B, L] 0/1, the positions to score (the trainer passes `loss_mask`);
             default: every real token after the first.
+        with_entropy: also return the entropy of the distribution each scored token was
+            drawn from (the policy's token entropy, a collapse detector), from the same
+            logits, so it costs no extra forward pass.
     Returns:
         [B, L] float32, differentiable when grad is enabled; 0 at position 0 (nothing
-        predicts the first token), on padding and wherever `score_mask` is 0.
+        predicts the first token), on padding and wherever `score_mask` is 0. With
+        `with_entropy`, a pair (logprobs, [B, L] float32 entropies in nats, without
+        gradient, 0 where logprobs are 0).
     """
     B, L = input_ids.shape
     mask = attention_mask if score_mask is None else score_mask * attention_mask
     mask = mask[:, 1:].bool()  # position t is predicted from the hidden state at t - 1
+    targets = input_ids[:, 1:]
     if not supports_selective_logprobs(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-        if temperature > 0:
-            logits = logits / temperature
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        return torch.nn.functional.pad(logp * mask, (1, 0))
+        logp, entropy = _scaled_logprobs(logits[:, :-1], targets, temperature, with_entropy)
+        logp = torch.nn.functional.pad(logp * mask, (1, 0))
+        return (logp, torch.nn.functional.pad(entropy * mask, (1, 0))) if with_entropy else logp
     # logits_to_keep=1 skips the [B, L, V] projection; the hidden states feed our own.
     outputs = model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, output_hidden_states=True
     )
     hidden = outputs.hidden_states[-1][:, :-1][mask]  # [N, D], after the final norm
     weight = _unwrap(model).get_output_embeddings().weight
-    logp = selective_log_softmax(hidden, weight, input_ids[:, 1:][mask], temperature)
-    shifted = torch.zeros(B, L - 1, dtype=torch.float32, device=input_ids.device).masked_scatter(mask, logp)
-    return torch.nn.functional.pad(shifted, (1, 0))
+    scored = selective_log_softmax(hidden, weight, targets[mask], temperature, with_entropy=with_entropy)
+
+    def unpack(values: torch.Tensor) -> torch.Tensor:
+        shifted = torch.zeros(B, L - 1, dtype=torch.float32, device=input_ids.device).masked_scatter(mask, values)
+        return torch.nn.functional.pad(shifted, (1, 0))
+
+    return (unpack(scored[0]), unpack(scored[1])) if with_entropy else unpack(scored)
 
 
 class SampledTokenLogprobs(LogitsProcessor):

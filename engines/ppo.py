@@ -29,7 +29,8 @@ def group_normalized_advantages(
     Args:
         rewards: [B] float, groups of `group_size` consecutive samples of one prompt.
     Returns:
-        [B] float32 advantages, one per sequence.
+        [B] float32 advantages, one per sequence; exactly 0 for a group whose rewards
+        are all equal.
     Raises:
         ValueError: B is not a multiple of `group_size`.
     """
@@ -41,7 +42,11 @@ def group_normalized_advantages(
         # Unbiased std is undefined for a group of one; such a group has advantage 0.
         std = grouped.std(dim=1, keepdim=True, unbiased=group_size > 1) if group_size > 1 else torch.zeros_like(grouped[:, :1])
         centered = centered / (std + eps)
-    return centered.view(-1)
+    # A group whose rewards are all equal carries no signal. The float32 mean of equal
+    # non-round values can differ from them in the last bit, and dividing that by a std
+    # of ~0 + eps would make it a large advantage.
+    uniform = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    return centered.masked_fill(uniform, 0.0).view(-1)
 
 
 def overlong_penalty(lengths: torch.Tensor, *, max_new_tokens: int, buffer_tokens: int, factor: float) -> torch.Tensor:
@@ -95,11 +100,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: Optional[
 
 @dataclass
 class PPOLossOutput:
-    loss: torch.Tensor  # scalar, differentiable
-    clip_fraction: torch.Tensor  # scalar: share of trained tokens whose ratio was clipped
-    importance_weight_mean: torch.Tensor  # scalar: mean behaviour importance weight
-    importance_weight_max: torch.Tensor
-    masked_fraction: torch.Tensor  # scalar: share of tokens dropped by the weight cap
+    """The loss and its token statistics; every field is a float32 scalar tensor."""
+
+    loss: torch.Tensor  # differentiable
+    clip_fraction: torch.Tensor  # share of kept tokens where the clipped branch was taken
+    dual_clip_fraction: torch.Tensor  # share of kept tokens bounded by the dual clip
+    importance_weight_mean: torch.Tensor  # mean behaviour importance weight over kept tokens
+    importance_weight_max: torch.Tensor  # its max over kept tokens
+    masked_fraction: torch.Tensor  # share of trained tokens dropped by the weight cap
 
 
 def ppo_clipped_loss(
@@ -109,6 +117,8 @@ def ppo_clipped_loss(
     loss_mask: torch.Tensor,
     *,
     eps_clip: float,
+    eps_clip_higher: Optional[float] = None,
+    c_clip: Optional[float] = None,
     num_loss_tokens: Optional[float] = None,
     proximal_logprobs: Optional[torch.Tensor] = None,
     behav_imp_weight_cap: Optional[float] = None,
@@ -117,12 +127,20 @@ def ppo_clipped_loss(
     it is minimised, averaged over tokens ("token-level" normalisation from DAPO, Yu et
     al., 2025, arXiv 2503.14476: long answers are not down-weighted per token).
 
+    The ratio is clipped to [1 - eps_clip, 1 + eps_clip_higher] (`eps_clip_higher`
+    defaults to `eps_clip`; DAPO's clip-higher raises it, 0.28 against 0.2, so that
+    unlikely tokens with a positive advantage can gain probability and entropy does not
+    collapse). `c_clip` > 1 is the dual clip (Ye et al., 2020, arXiv 1912.09729): a token
+    with a negative advantage contributes at most c_clip * |advantage|, however large its
+    ratio, which bounds the loss of stale samples the policy has moved away from.
+
     Without `proximal_logprobs` the ratio is exp(logprobs - old_logprobs). With them,
     this is AReaL's decoupled objective (Fu et al., 2025, arXiv 2505.24298, section 5):
     the trust region is anchored at the proximal policy, ratio = exp(logprobs -
     proximal_logprobs), and each token is weighted by the behaviour importance weight
     exp(proximal_logprobs - old_logprobs); tokens whose weight exceeds
-    `behav_imp_weight_cap` are masked out.
+    `behav_imp_weight_cap` are masked out (and left out of the statistics but
+    `masked_fraction`).
 
     Args:
         logprobs: [B, L] float32, current policy, differentiable.
@@ -135,9 +153,15 @@ def ppo_clipped_loss(
     mask = loss_mask.float()
     anchor = old_logprobs if proximal_logprobs is None else proximal_logprobs
     ratio = torch.exp(logprobs - anchor.detach())
-    clipped_ratio = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip)
-    surrogate = torch.minimum(ratio * advantages, clipped_ratio * advantages)
-    clipped = ((ratio - clipped_ratio).abs() > 0).float()
+    high = eps_clip if eps_clip_higher is None else eps_clip_higher
+    unclipped = ratio * advantages
+    clipped_branch = ratio.clamp(1.0 - eps_clip, 1.0 + high) * advantages
+    surrogate = torch.minimum(unclipped, clipped_branch)
+    dual_clipped = torch.zeros_like(mask, dtype=torch.bool)
+    if c_clip is not None:
+        floor = c_clip * advantages  # below the clipped surrogate only where advantage < 0
+        dual_clipped = (advantages < 0) & (surrogate < floor)
+        surrogate = torch.where(dual_clipped, floor, surrogate)
 
     kept = mask
     if proximal_logprobs is None:
@@ -149,13 +173,18 @@ def ppo_clipped_loss(
     loss = -masked_mean(surrogate * weight, kept, num_loss_tokens)
     with torch.no_grad():
         count = mask.sum().clamp(min=1)
-        masked_weights = torch.where(mask.bool(), weight, torch.zeros_like(weight))
+        kept_count = kept.sum().clamp(min=1)
+        # The clipped branch is the one taken where it is strictly smaller; there the
+        # token has no gradient.
+        clipped = (clipped_branch < unclipped) & ~dual_clipped
+        kept_weights = weight * kept
         stats = dict(
-            clip_fraction=(clipped * kept).sum() / count,
-            importance_weight_mean=masked_weights.sum() / count,
-            # The weights are positive and 0 off the mask, so the plain max is the masked
-            # one (and 0 without trained tokens) with no host sync to ask `mask.any()`.
-            importance_weight_max=masked_weights.amax() if masked_weights.numel() else weight.new_zeros(()),
+            clip_fraction=(clipped.float() * kept).sum() / kept_count,
+            dual_clip_fraction=(dual_clipped.float() * kept).sum() / kept_count,
+            importance_weight_mean=kept_weights.sum() / kept_count,
+            # The weights are positive and 0 off the kept tokens, so the plain max is the
+            # masked one (and 0 without kept tokens) with no host sync to ask `kept.any()`.
+            importance_weight_max=kept_weights.amax() if kept_weights.numel() else weight.new_zeros(()),
             masked_fraction=(mask - kept).sum() / count,
         )
     return PPOLossOutput(loss=loss, **stats)

@@ -39,13 +39,20 @@ from engines.weights import publish_weights
 @dataclass
 class TrainStats:
     """One update's statistics. `loss` and `num_loss_tokens` cover the whole batch; the
-    clip fraction and importance weights cover the tokens that carry a gradient (rows
-    with a non-zero advantage, see `TrainEngine._rows_with_gradient`), 0 when none do."""
+    entropy, clip fractions and importance weights cover the tokens that carry a gradient
+    (rows with a non-zero advantage, see `TrainEngine._rows_with_gradient`): the entropy
+    is NaN and the rest 0 when none do.
+
+    `entropy` is the policy's mean token entropy in nats, of the temperature-scaled
+    distribution, from the training forward pass: when it falls towards 0 the samples of
+    a group become identical and GRPO stops learning (entropy collapse)."""
 
     loss: float
     grad_norm: float
     lr: float
+    entropy: float
     clip_fraction: float
+    dual_clip_fraction: float
     importance_weight_mean: float
     importance_weight_max: float
     masked_fraction: float
@@ -225,11 +232,13 @@ class TrainEngine:
     def _micro_batch_loss(self, mb: dict[str, torch.Tensor], num_tokens: float):
         """Loss of one micro-batch, normalised by the minibatch's `num_tokens`; returns
         (differentiable loss, PPO statistics, this micro-batch's share of the KL as a
-        scalar tensor)."""
+        scalar tensor, the summed token entropy of its trained tokens as a scalar tensor)."""
         cfg = self.cfg
         model = self.ddp if self.ddp is not None else self.model
         with autocast(self.autocast_dtype, self.device):
-            logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb["loss_mask"])
+            logp, entropy = token_logprobs(
+                model, mb["input_ids"], mb["attention_mask"], self.temperature, mb["loss_mask"], with_entropy=True
+            )
         use_prox = cfg.use_decoupled_loss and "prox_logp" in mb
         out = ppo_clipped_loss(
             logp,
@@ -237,6 +246,8 @@ class TrainEngine:
             mb["advantages"],
             mb["loss_mask"],
             eps_clip=cfg.eps_clip,
+            eps_clip_higher=cfg.eps_clip_higher,
+            c_clip=cfg.c_clip,
             num_loss_tokens=num_tokens,
             proximal_logprobs=mb["prox_logp"] if use_prox else None,
             behav_imp_weight_cap=cfg.behav_imp_weight_cap if use_prox else None,
@@ -248,7 +259,7 @@ class TrainEngine:
             kl = masked_mean(kl_penalty(logp, mb["ref_logp"], cfg.kl_estimator), mb["loss_mask"], num_tokens)
             loss = loss + cfg.kl_ctl * kl
             kl_value = kl.detach()
-        return loss, out, kl_value
+        return loss, out, kl_value, entropy.sum()
 
     def train_batch(self, batch: dict[str, torch.Tensor]) -> TrainStats:
         """One PPO/GRPO update on a batch, in `ppo_n_minibatches` optimizer steps.
@@ -273,7 +284,9 @@ class TrainEngine:
             loss=mean("loss"),
             grad_norm=mean("grad_norm"),
             lr=records[-1].lr,
+            entropy=_nanmean([r.entropy for r in records]),
             clip_fraction=mean("clip_fraction"),
+            dual_clip_fraction=mean("dual_clip_fraction"),
             importance_weight_mean=mean("importance_weight_mean"),
             importance_weight_max=max(r.importance_weight_max for r in records),
             masked_fraction=mean("masked_fraction"),
@@ -316,9 +329,10 @@ class TrainEngine:
             num_tokens = float(total)
         # Running sums stay on the device and are read once after the loop: reading one
         # per micro-batch (`.item()`) would make the host wait for the GPU each time.
-        # float64, as the Python floats they replace. Order: loss, kl, clip fraction,
-        # importance weight mean, masked fraction (the last three token-weighted).
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        # float64, as the Python floats they replace. Order: loss, kl, summed entropy,
+        # clip fraction, dual-clip fraction, importance weight mean, masked fraction (the
+        # last four token-weighted).
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
         weight_max = torch.zeros((), device=self.device)
         mini = self._rows_with_gradient(mini)
         local_tokens = float(mini["loss_mask"].sum())
@@ -334,17 +348,19 @@ class TrainEngine:
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             with sync:
-                loss, out, kl = self._micro_batch_loss(mb, num_tokens)
+                loss, out, kl, entropy = self._micro_batch_loss(mb, num_tokens)
                 # The loss is already divided by the global token count, so the gradient
                 # we want is the sum over ranks; DDP averages, hence the factor.
                 (loss * self.world_size).backward()
             share = mb["loss_mask"].sum().double() / max(local_tokens, 1.0)
-            stats = (out.clip_fraction, out.importance_weight_mean, out.masked_fraction)
-            sums += torch.stack([loss.detach().double(), kl.double(), *(v.double() * share for v in stats)])
+            stats = (out.clip_fraction, out.dual_clip_fraction, out.importance_weight_mean, out.masked_fraction)
+            sums += torch.stack(
+                [loss.detach().double(), kl.double(), entropy.double(), *(v.double() * share for v in stats)]
+            )
             weight_max = torch.maximum(weight_max, out.importance_weight_max.float())
         if self.world_size > 1:
             dist.all_reduce(sums[:2])  # loss and KL are sums over ranks; the rest stay local
-        loss_sum, kl_sum, clip_fraction, weight_mean, masked_fraction = sums.tolist()
+        loss_sum, kl_sum, entropy_sum, clip_fraction, dual_clip_fraction, weight_mean, masked_fraction = sums.tolist()
         max_norm = cfg.optimizer.gradient_clipping if cfg.optimizer.gradient_clipping > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
@@ -356,10 +372,18 @@ class TrainEngine:
             loss=loss_sum,
             grad_norm=grad_norm,
             lr=lr,
+            entropy=entropy_sum / local_tokens if local_tokens else float("nan"),
             clip_fraction=clip_fraction,
+            dual_clip_fraction=dual_clip_fraction,
             importance_weight_mean=weight_mean,
             importance_weight_max=float(weight_max),
             masked_fraction=masked_fraction,
             kl=kl_sum,
             num_loss_tokens=int(num_tokens),
         )
+
+
+def _nanmean(values: list[float]) -> float:
+    """Mean of the values that are not NaN; NaN when all are."""
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept else float("nan")

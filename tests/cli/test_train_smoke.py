@@ -28,14 +28,17 @@ def test_smoke_writes_stats_config_and_loadable_checkpoint(tmp_path, gsm8k_dir):
     records = read_stats(tmp_path / "stats.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     keys = ("reward_mean", "accuracy", "response_length_mean", "loss", "grad_norm", "lr", "gen_tokens_per_s",
-            "train_tokens_per_s", "train_time_s", "step_time_s", "peak_rss_gb")
+            "train_tokens_per_s", "train_time_s", "step_time_s", "peak_rss_gb", "signal_share")
     for key in keys:
         assert all(isinstance(r[key], (int, float)) for r in records), key
     # The process's peak RSS: at least the torch runtime, never decreasing.
     assert 0.2 < records[0]["peak_rss_gb"] <= records[1]["peak_rss_gb"] < 8
     assert all(r["train_tokens"] >= r["gen_tokens"] > 0 for r in records)
     assert all(r["num_sequences"] == 4 for r in records)  # 2 prompts x 2 samples
-    assert "step 2/2" in result.stdout and "reward" in result.stdout
+    assert "step 2/2" in result.stdout and "reward" in result.stdout and "signal" in result.stdout
+    # A random model's 2 samples rarely agree, but the entropy exists only when some group trained.
+    assert all(0 <= r["signal_share"] <= 1 for r in records)
+    assert all(r["entropy"] is None if r["signal_share"] == 0 else r["entropy"] > 0 for r in records)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["trainer"]["total_steps"] == 2 and saved["model"]["init_from_scratch"] is True
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step_2")
@@ -52,9 +55,11 @@ def test_policy_changes_and_deterministic_runs_match(tmp_path, gsm8k_dir, model_
     for run in runs:
         train(run, gsm8k_dir, "actor.deterministic=true", *SIGNAL)
     first, second = (read_stats(r / "stats.jsonl") for r in runs)
-    assert all(r["loss"] != 0 for r in first)
-    assert [r["loss"] for r in first] == [r["loss"] for r in second]
-    assert [r["grad_norm"] for r in first] == [r["grad_norm"] for r in second]
+    assert all(r["loss"] != 0 and r["entropy"] > 0 for r in first)
+    # Every curve is the same, not only the loss: all but wall-clock times and memory.
+    timing = lambda key: key.endswith("_s") or key == "peak_rss_gb"  # noqa: E731
+    curves = [[{k: v for k, v in r.items() if not timing(k)} for r in run] for run in (first, second)]
+    assert len(curves[0][0]) > 20 and curves[0] == curves[1]
 
     # The trained weights differ from the seeded initial weights.
     cfg = load_config("smoke")

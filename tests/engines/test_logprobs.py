@@ -48,6 +48,25 @@ def test_token_logprobs_selective_path_equals_full_logits(tiny_model):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("selective", [True, False])
+def test_token_entropy_is_that_of_the_scaled_distribution_with_unchanged_logprobs(tiny_model, monkeypatch, selective):
+    g = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, 2000, (2, 9), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    score_mask = attention_mask.clone()
+    score_mask[:, :3] = 0
+    if not selective:  # the fallback path for models whose logits are not lm_head(hidden)
+        monkeypatch.setattr(logprobs_module, "supports_selective_logprobs", lambda model: False)
+
+    logp, entropy = token_logprobs(tiny_model, input_ids, attention_mask, 0.8, score_mask, with_entropy=True)
+    logits = tiny_model(input_ids=input_ids, attention_mask=attention_mask).logits.float() / 0.8
+    want = torch.distributions.Categorical(logits=logits[:, :-1]).entropy()
+    want = torch.nn.functional.pad(want * score_mask[:, 1:], (1, 0))
+    torch.testing.assert_close(entropy, want, atol=1e-4, rtol=1e-5)
+    assert entropy[:, 4:].min() > 0 and not entropy.requires_grad
+    torch.testing.assert_close(logp, token_logprobs(tiny_model, input_ids, attention_mask, 0.8, score_mask))
+
+
 def _largest_allocation(fn) -> int:
     """Bytes of the largest single CPU allocation any op made while `fn` ran."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:

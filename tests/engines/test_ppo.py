@@ -19,6 +19,11 @@ def test_group_advantages_by_hand():
 
 def test_uniform_group_has_zero_advantage_and_bad_size_raises():
     assert torch.all(group_normalized_advantages(torch.ones(4), group_size=2) == 0)
+    # (reward + bias) * scale of equal rewards: a float32 mean off in the last bit,
+    # divided by std ~0 + eps, must not become an advantage.
+    shifted = (torch.full((8,), 1.0) + 0.1) * 1.3
+    adv = group_normalized_advantages(torch.cat([shifted, torch.tensor([0.0, 1.0] * 4)]), group_size=8)
+    assert torch.all(adv[:8] == 0) and torch.all(adv[8:] != 0)
     with pytest.raises(ValueError, match="groups of 3"):
         group_normalized_advantages(torch.ones(4), group_size=3)
 
@@ -65,8 +70,38 @@ def test_decoupled_loss_weights_and_caps():
     # ratio to the proximal policy is 1; weights 1, 2 and 10 -> the last is masked
     assert out.loss.item() == pytest.approx(-(1.0 + 2.0) / 2)
     assert out.masked_fraction.item() == pytest.approx(1 / 3)
-    assert out.importance_weight_max.item() == pytest.approx(10.0)
-    assert out.importance_weight_mean.item() == pytest.approx(13 / 3)
+    # The capped token is left out of the weight statistics, as it is of the loss.
+    assert out.importance_weight_max.item() == pytest.approx(2.0)
+    assert out.importance_weight_mean.item() == pytest.approx(1.5)
+
+
+def test_clip_higher_is_asymmetric_and_counts_only_the_clipped_branch():
+    # ratios e^0.25 ~ 1.28 (inside [0.8, 1.28+] only with eps_clip_higher) and
+    # e^0.5 ~ 1.65 with a negative advantage: outside the band, but min() takes the
+    # unclipped branch, so that token keeps its gradient and is not counted as clipped.
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[0.25, 0.5]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0]])
+    symmetric = ppo_clipped_loss(new, old, adv, torch.ones(1, 2), eps_clip=0.2)
+    assert symmetric.clip_fraction.item() == pytest.approx(1 / 2)
+    higher = ppo_clipped_loss(new, old, adv, torch.ones(1, 2), eps_clip=0.2, eps_clip_higher=0.3)
+    assert higher.clip_fraction.item() == 0.0
+    higher.loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[-math.exp(0.25), math.exp(0.5)]]) / 2)
+
+
+def test_dual_clip_bounds_negative_advantage_tokens():
+    old = torch.zeros(1, 3)
+    # ratios e^2 ~ 7.4 and e^0.5 ~ 1.65 with advantage -1; e^2 with advantage +1.
+    new = torch.tensor([[2.0, 0.5, 2.0]], requires_grad=True)
+    adv = torch.tensor([[-1.0, -1.0, 1.0]])
+    out = ppo_clipped_loss(new, old, adv, torch.ones(1, 3), eps_clip=0.2, c_clip=3.0)
+    # surrogates: max(-7.4, -3) = -3; -1.65 (above the floor); min(7.4, 1.2) = 1.2
+    assert out.loss.item() == pytest.approx(-(-3.0 - math.exp(0.5) + 1.2) / 3)
+    assert out.dual_clip_fraction.item() == pytest.approx(1 / 3)
+    assert out.clip_fraction.item() == pytest.approx(1 / 3)
+    out.loss.backward()
+    assert new.grad[0, 0].item() == 0.0 and new.grad[0, 2].item() == 0.0 and new.grad[0, 1].item() > 0
 
 
 def test_overlong_penalty_by_hand():

@@ -16,3 +16,25 @@ def test_logprob_agreement_covers_fresh_trained_tokens_only():
     # the prompt positions are left out.
     assert logprob_agreement(batch, recomputed, version=3)["logprob_abs_diff_mean"] == 0.1875
     assert math.isnan(logprob_agreement(batch, recomputed, version=4)["logprob_abs_diff_mean"])
+
+
+def test_signal_share_counts_groups_with_a_non_zero_advantage():
+    from engines.distributed import DistributedContext
+    from workflows.config import ExperimentConfig
+    from workflows.training.trainer import batch_stats, compute_advantages, gather_sequences
+
+    cfg = ExperimentConfig()
+    cfg.gconfig.n_samples = 2
+    # Three prompts of two samples: all wrong, mixed, all right (with a reward shift that
+    # must not turn the uniform groups into signal).
+    cfg.actor.reward_bias, cfg.actor.reward_scaling = 0.1, 1.3
+    batch = {
+        "rewards": torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]),
+        "loss_mask": torch.tensor([[0, 1, 1]] * 6),
+        "epoch": torch.zeros(6, dtype=torch.long),
+        "prompt_id": torch.tensor([4, 4, 7, 7, 9, 9]),
+    }
+    batch["advantages"] = compute_advantages(batch, cfg)
+    stats = batch_stats(gather_sequences(batch, DistributedContext()))
+    assert stats["signal_share"] == 1 / 3
+    assert stats["num_sequences"] == 6

@@ -20,6 +20,8 @@ PANELS = (
     ("reward_mean", "reward (mean)"),
     ("accuracy", "training accuracy"),
     ("eval_accuracy", "held-out accuracy"),
+    ("entropy", "policy entropy (nats/token)"),
+    ("signal_share", "groups with signal (share)"),
     ("loss", "loss"),
     ("response_length_mean", "response length (tokens)"),
     ("staleness_max", "staleness (max versions behind)"),
@@ -66,7 +68,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, *, title: Optional[str] = Non
         if not stats.is_file():
             raise FileNotFoundError(f"{run_dir} has no stats.jsonl; pass run directories of `areal train`")
         runs.append((run_label(Path(run_dir), run_dirs), read_stats(stats)))
-    cols = 4
+    cols = 3
     rows = math.ceil(len(PANELS) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, (key, panel) in zip(axes.flat, PANELS):
@@ -90,11 +92,15 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, *, title: Optional[str] = Non
             handles, labels = ax.get_legend_handles_labels()
             if handles:
                 break
+    # Above the panels, which fill the grid.
+    top = 1.0
     if handles:
-        fig.legend(handles, labels, loc="lower right", fontsize=9)
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(handles), 4), fontsize=9)
+        top -= 0.05
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, y=top)
+        top -= 0.04
+    fig.tight_layout(rect=(0, 0, 1, top))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -25,6 +25,8 @@ CONSOLE_FIELDS = (
     ("accuracy", "acc", ".3f"),
     ("response_length_mean", "len", ".0f"),
     ("eval_accuracy", "eval acc", ".3f"),
+    ("signal_share", "signal", ".2f"),
+    ("entropy", "ent", ".3f"),
     ("loss", "loss", ".4g"),
     ("grad_norm", "gnorm", ".3g"),
     ("lr", "lr", ".2e"),

@@ -101,10 +101,15 @@ def sort_by_prompt(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def gather_sequences(batch: dict[str, torch.Tensor], dist_ctx: DistributedContext) -> dict[str, torch.Tensor]:
     """Per-sequence columns of the global batch, all ranks in rank order, in one collective:
-    `rewards` and `lengths` (completion tokens) float32 [B], `epoch` and `prompt_id` long [B]."""
+    `rewards` and `lengths` (completion tokens) float32 [B], `signal` bool [B] (a non-zero
+    advantage on some trained token, once `advantages` are in the batch), `epoch` and
+    `prompt_id` long [B]."""
     columns = {
         "rewards": batch["rewards"].float(),
         "lengths": batch["loss_mask"].sum(dim=1).float(),
+        "signal": ((batch["advantages"] != 0) & batch["loss_mask"].bool()).any(dim=1)
+        if "advantages" in batch
+        else torch.zeros(len(batch["rewards"]), dtype=torch.bool),
         "epoch": batch["epoch"],
         "prompt_id": batch["prompt_id"],
     }
@@ -121,9 +126,16 @@ def trained_prompts(sequences: dict[str, torch.Tensor]) -> list[tuple[int, int]]
 
 
 def batch_stats(sequences: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Reward, accuracy and length statistics of `gather_sequences`' output."""
+    """Reward, accuracy and length statistics of `gather_sequences`' output, and
+    `signal_share`: the share of prompt groups with a non-zero advantage, the groups that
+    can teach the policy anything (in GRPO, those whose samples did not all score the
+    same). A share falling towards 0 with the entropy is a policy that stopped exploring."""
     rewards, lengths = sequences["rewards"], sequences["lengths"]
+    groups: dict[tuple[int, int], bool] = {}
+    for key, signal in zip(zip(sequences["epoch"].tolist(), sequences["prompt_id"].tolist()), sequences["signal"].tolist()):
+        groups[key] = groups.get(key, False) or signal
     return {
+        "signal_share": sum(groups.values()) / max(len(groups), 1),
         "reward_mean": float(rewards.mean()),
         "accuracy": float((rewards >= 1.0).float().mean()),
         "response_length_mean": float(lengths.mean()),
