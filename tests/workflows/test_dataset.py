@@ -3,7 +3,7 @@ import json
 import pytest
 
 from workflows.config import DatasetConfig
-from workflows.data.dataset import PromptLoader, load_prompt_dataset, reference_answer
+from workflows.data.dataset import DatasetError, PromptLoader, load_prompt_dataset, reference_answer
 
 
 def test_reference_answer():
@@ -43,9 +43,9 @@ def test_malformed_and_long_rows_are_counted_not_fatal(tmp_path, tokenizer):
 
 def test_empty_dataset_is_a_clear_error(tmp_path, tokenizer):
     write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "no marker"}])
-    with pytest.raises(ValueError, match="no usable rows"):
+    with pytest.raises(DatasetError, match="no usable rows"):
         load_prompt_dataset(DatasetConfig(path=str(tmp_path)), tokenizer)
-    with pytest.raises(FileNotFoundError, match="validation"):
+    with pytest.raises(DatasetError, match="validation"):
         load_prompt_dataset(DatasetConfig(path=str(tmp_path)), tokenizer, split="validation")
 
 
@@ -75,10 +75,10 @@ def test_loader_reshuffles_each_epoch_reproducibly():
 
 @pytest.fixture
 def hub_offline(monkeypatch):
-    import workflows.data.dataset
+    import workflows.data.sources
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(workflows.data.dataset, "_warned_packaged", set())
+    monkeypatch.setattr(workflows.data.sources, "_warned_packaged", set())
 
 
 def test_shipped_gsm8k_is_the_real_one(gsm8k_dir):
@@ -95,7 +95,7 @@ def test_hub_id_falls_back_to_the_shipped_copy_with_one_warning(hub_offline, gsm
 
     cfg = DatasetConfig()  # the default: path=openai/gsm8k, name=main
     assert cfg.path == "openai/gsm8k"
-    with caplog.at_level("WARNING", logger="workflows.data.dataset"):
+    with caplog.at_level("WARNING", logger="workflows.data.sources"):
         shipped = load_prompt_dataset(DatasetConfig(split="test"), tokenizer)
         assert len(load_raw_split(cfg, "train")) == 7473  # the train split too; no second warning
     local = load_prompt_dataset(DatasetConfig(path=str(gsm8k_dir), split="test"), tokenizer)
@@ -113,26 +113,26 @@ def test_unreachable_hub_id_without_a_copy_names_the_key_and_the_fix(hub_offline
             load_raw_split(cfg, "train")
         message = str(info.value)
         assert message.startswith(f"dataset.path={cfg.path!r}: the Hugging Face hub is unreachable")
-        assert message.endswith("pass dataset.path=<local dir of jsonl/parquet>") and "\n" not in message
+        assert message.endswith("pass dataset.path=<local dir or file of jsonl/json/parquet/csv>") and "\n" not in message
 
 
 def test_a_dataset_the_reachable_hub_does_not_serve_is_one_line(monkeypatch):
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
-    import workflows.data.dataset
+    import workflows.data.sources
     from engines.hub import HubError, HubUnreachableError
 
     def load_dataset(path, name=None, split=None):
         raise DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
 
-    monkeypatch.setattr(workflows.data.dataset, "hub_reachable", lambda: True)
+    monkeypatch.setattr(workflows.data.sources, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     with pytest.raises(HubError) as info:
-        workflows.data.dataset.load_raw_split(DatasetConfig(path="nobody-here/no-such-data"), "train")
+        workflows.data.sources.load_raw_split(DatasetConfig(path="nobody-here/no-such-data"), "train")
     assert not isinstance(info.value, HubUnreachableError)
     assert str(info.value) == (
         "dataset.path='nobody-here/no-such-data': the Hugging Face hub has no such repository or refuses access "
         "(Dataset 'nobody-here/no-such-data' doesn't exist on the Hub or cannot be accessed.); pass an existing "
-        "hub id or dataset.path=<local dir of jsonl/parquet>"
+        "hub id or dataset.path=<local dir or file of jsonl/json/parquet/csv>"
     )

@@ -6,8 +6,9 @@ import time
 import pytest
 
 from tests.conftest import REPO, cli_env
-from workflows.config import REWARD_FORMATS
-from workflows.rollout.reward import REWARD_FUNCTIONS, RewardScorer
+from workflows.config import BUILTIN_REWARDS
+from workflows.rollout.reward import RewardFunctionError, RewardScorer
+from workflows.rollout.reward_fns import REWARD_FUNCTIONS
 
 
 def slow_reward(completion: str, reference: str) -> float:
@@ -59,11 +60,18 @@ def test_timeout_scores_zero_and_is_counted():
         s.close()
 
 
-def test_errors_score_zero_and_pool_survives():
-    s = RewardScorer(num_workers=1, timeout=5, reward_fn=broken_reward)
+def test_an_error_raises_naming_the_function_and_the_pool_survives():
+    """A reward function that raises is a bug, not a wrong answer: scoring it 0.0 would
+    train on zeros; the call raises instead (the rollout fails and is counted)."""
+    s = RewardScorer(num_workers=1, timeout=5, reward_fn=[broken_reward, "math_verify"])
     try:
-        assert s.score("x", "1") == 0.0 and s.score("y", "1") == 0.0
-        assert s.stats.num_failed == 2 and s.stats.num_timeouts == 0
+        for completion in ("x", "y"):
+            with pytest.raises(RewardFunctionError) as info:
+                s.score(completion, "1")
+            assert str(info.value) == "reward.fn 'broken_reward' raised RuntimeError: parser exploded"
+        assert s.stats.num_failed == 2 and s.stats.num_errors == 2 and s.stats.num_timeouts == 0
+        s.terms = s.terms[1:]  # the pool and the other function still score
+        assert s.score("\\boxed{1}", "1") == 1.0
     finally:
         s.close()
 
@@ -71,7 +79,7 @@ def test_errors_score_zero_and_pool_survives():
 def test_reward_formats_close_the_restated_question_loophole():
     """math-verify evaluates an expression: restating "74 + 30 =" scores 1.0 under `any`,
     which a first arith_grpo run learned to exploit; `number` takes only a written number."""
-    from workflows.rollout.reward import boxed_math_verify_reward, final_number_reward, math_verify_reward
+    from workflows.rollout.reward_fns import boxed_math_verify_reward, final_number_reward, math_verify_reward
 
     assert math_verify_reward("74 + 30 =", "104") == 1.0  # the loophole
     assert final_number_reward("74 + 30 =", "104") == 0.0
@@ -95,7 +103,7 @@ def faulty_reward(completion: str, reference: str) -> float:
         os._exit(3)
     if completion == "segfault":
         ctypes.string_at(0)  # reads address 0: SIGSEGV
-    from workflows.rollout.reward import math_verify_reward
+    from workflows.rollout.reward_fns import math_verify_reward
 
     return math_verify_reward(completion, reference)
 
@@ -140,14 +148,14 @@ def test_many_faults_among_good_completions_are_each_counted_once():
         s.close()
 
 
-def test_reward_formats_are_one_list():
-    """REWARD_FUNCTIONS maps exactly the formats rollout.reward_format accepts, and a
-    mismatch fails the import of workflows/rollout/reward.py."""
-    assert set(REWARD_FUNCTIONS) == set(REWARD_FORMATS)
+def test_builtin_rewards_are_one_list():
+    """REWARD_FUNCTIONS maps exactly the built-in names reward.fn accepts, and a mismatch
+    fails the import of workflows/rollout/reward_fns.py."""
+    assert set(REWARD_FUNCTIONS) == set(BUILTIN_REWARDS)
     code = (
         "import workflows.config as c\n"
-        "c.REWARD_FORMATS = c.REWARD_FORMATS + ('latex',)\n"
-        "import workflows.rollout.reward\n"
+        "c.BUILTIN_REWARDS = c.BUILTIN_REWARDS + ('latex',)\n"
+        "import workflows.rollout.reward_fns\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                             timeout=120)
