@@ -51,7 +51,7 @@ def dataset_errors(cfg: ExperimentConfig) -> list[str]:
 
     splits = [data.split] + ([data.eval_split] if cfg.trainer.eval_freq_steps else [])
     try:
-        check_dataset(data, splits)
+        check_dataset(data, splits, min_rows=data.batch_size)
     except DatasetError as exc:
         return [str(exc)]
     return []

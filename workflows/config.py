@@ -57,10 +57,10 @@ class DatasetConfig:
     answer_format: Optional[str] = option(
         None,
         "How the reference is read from answer_column. gsm8k: the text after the last '####', thousands separators "
-        "removed; boxed: the content of the last \\boxed{}; raw: the column as it is (stripped). null: raw for "
-        "reasoning_gym:<task>, else gsm8k.",
+        "removed; boxed: the content of the last \\boxed{}; raw: the column as it is (stripped). null: gsm8k where "
+        "the column has a '####', else raw.",
         choices=ANSWER_FORMATS,
-        null="raw for reasoning_gym:<task>, else gsm8k",
+        null="gsm8k where the column has a '####', else raw",
     )
     messages_column: Optional[str] = option(
         None,

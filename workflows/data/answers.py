@@ -44,4 +44,13 @@ def raw_answer(value: Any) -> Optional[str]:
     return text or None
 
 
-READERS = {"gsm8k": reference_answer, "boxed": last_boxed, "raw": raw_answer}
+def any_answer(value: Any) -> Optional[str]:
+    """`reference_answer` where the column has a `####`, else `raw_answer` (what
+    `dataset.answer_format=null` reads: GSM8K's solutions and plain answers alike)."""
+    if isinstance(value, str) and "####" in value:
+        return reference_answer(value)
+    return raw_answer(value)
+
+
+# dataset.answer_format -> its reader; None (null) reads either format.
+READERS = {"gsm8k": reference_answer, "boxed": last_boxed, "raw": raw_answer, None: any_answer}

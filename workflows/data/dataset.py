@@ -249,7 +249,8 @@ class PromptLoader:
     exactly once. A resumed epoch's last batch may be short.
 
     Raises:
-        ValueError: a batch larger than the dataset, or not divisible by `world_size`.
+        DatasetError: a batch larger than the dataset (a ValueError).
+        ValueError: a batch not divisible by `world_size`.
     """
 
     def __init__(
@@ -264,7 +265,8 @@ class PromptLoader:
         world_size: int = 1,
     ):
         if batch_size > len(dataset):
-            raise ValueError(f"dataset.batch_size={batch_size} exceeds the {len(dataset)} prompts available")
+            raise DatasetError(f"dataset.batch_size={batch_size} exceeds the {len(dataset)} usable prompts of the "
+                               f"{dataset.split!r} split; lower dataset.batch_size or add rows")
         if batch_size % world_size:
             raise ValueError(f"dataset.batch_size={batch_size} must be a multiple of the {world_size} replicas")
         self.dataset, self.batch_size, self.shuffle, self.seed, self.drop_last = dataset, batch_size, shuffle, seed, drop_last

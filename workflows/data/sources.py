@@ -43,11 +43,10 @@ class DatasetError(ValueError):
     naming the key, and the file and line or the columns at fault."""
 
 
-def answer_format(cfg: DatasetConfig) -> str:
-    """`dataset.answer_format`, its null resolved: raw for reasoning_gym:<task>, else gsm8k."""
-    if cfg.answer_format is not None:
-        return cfg.answer_format
-    return "raw" if cfg.path.startswith(PROCEDURAL_PREFIX) else "gsm8k"
+def answer_format(cfg: DatasetConfig) -> Optional[str]:
+    """`dataset.answer_format`: gsm8k, boxed, raw, or None (the text after `####` where
+    the column has one, else the column as it is)."""
+    return cfg.answer_format
 
 
 def procedural_split(cfg: DatasetConfig, split: str) -> list[dict]:
@@ -129,11 +128,20 @@ def _load_local(path: Path, split: str, name: str) -> datasets.Dataset:
     for file in files:
         if file.stat().st_size == 0:
             raise DatasetError(f"dataset.path={name!r}: {file} is empty")
+    # No progress bar and no log of datasets' own: a refusal must stay one line on stderr,
+    # and these files are local.
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as exc:  # noqa: BLE001 - datasets wraps every parser's error; name the file and line instead
         where = _bad_json_line(files) if builder == "json" else None
         raise DatasetError(f"dataset.path={name!r}: {where or _first_line(exc)}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _bad_json_line(files: list[Path]) -> Optional[str]:
@@ -197,31 +205,38 @@ def check_rows(cfg: DatasetConfig, raw: Rows, split: str) -> None:
         raise DatasetError(
             f"dataset.path={cfg.path!r} split {split!r} has the columns [{', '.join(found)}], not the expected "
             f"[{', '.join(required_columns(cfg))}] (missing: {', '.join(missing)}); set "
-            + " and ".join(f"dataset.{k}=<column>" for k in keys) + " to the columns that hold them"
+            + " and ".join(f"dataset.{k}=<column>" for k in keys)
+            + (" to the columns that hold them" if len(keys) > 1 else " to the column that holds it")
         )
 
 
-def check_dataset(cfg: DatasetConfig, splits: Sequence[str]) -> None:
+def check_dataset(cfg: DatasetConfig, splits: Sequence[str], min_rows: int = 1) -> None:
     """At config time, before any model loads: each of `splits` of a local `dataset.path`
-    reads, has rows, the named columns, and at least one row with a prompt and a
-    reference (the token length is checked later, with the tokenizer). Hub ids and
-    procedural tasks are left to loading.
+    reads, has rows and the named columns, and the first split at least `min_rows` rows
+    with a prompt and a reference (the others at least one; the token length is checked
+    later, with the tokenizer). Hub ids and procedural tasks are left to loading.
 
     Raises:
-        DatasetError: see `load_raw_split` and `check_rows`; or no usable row.
+        DatasetError: see `load_raw_split` and `check_rows`; or too few usable rows.
     """
     if cfg.path.startswith(PROCEDURAL_PREFIX) or not Path(cfg.path).expanduser().exists():
         return
     read = READERS[answer_format(cfg)]
-    for split in dict.fromkeys(splits):
+    prompt_key = cfg.messages_column or cfg.prompt_column
+    for index, split in enumerate(dict.fromkeys(splits)):
         raw = load_raw_split(cfg, split)
         check_rows(cfg, raw, split)
-        prompt_key = cfg.messages_column or cfg.prompt_column
+        needed = min_rows if index == 0 else 1
+        usable = 0
         for row in raw:
-            if _has_prompt(row.get(prompt_key), bool(cfg.messages_column)) and read(row.get(cfg.answer_column)):
+            usable += bool(_has_prompt(row.get(prompt_key), bool(cfg.messages_column)) and read(row.get(cfg.answer_column)))
+            if usable >= needed:
                 break
-        else:
+        if usable == 0:
             raise DatasetError(no_usable_rows(cfg, split, raw[0]))
+        if usable < needed:
+            raise DatasetError(f"dataset.batch_size={needed} exceeds the {usable} usable rows of the {split!r} split "
+                               f"of dataset.path={cfg.path!r}; lower dataset.batch_size or add rows")
 
 
 def _has_prompt(value, messages: bool) -> bool:
@@ -235,7 +250,9 @@ def no_usable_rows(cfg: DatasetConfig, split: str, example: dict) -> str:
     """The refusal of a split none of whose rows has both a prompt and a reference."""
     prompt = (f"a list of {{role, content}} messages in {cfg.messages_column!r}" if cfg.messages_column
               else f"a non-empty text in {cfg.prompt_column!r}")
-    answer = {"gsm8k": "ending in '#### <answer>'", "boxed": "with a \\boxed{} answer", "raw": "non-empty"}
+    answer = {"gsm8k": "ending in '#### <answer>'", "boxed": "with a \\boxed{} answer", "raw": "non-empty",
+              None: "non-empty"}
+    fmt = answer_format(cfg)
     return (f"dataset.path={cfg.path!r} split {split!r} has no usable rows: each needs {prompt} and a reference in "
-            f"{cfg.answer_column!r} {answer[answer_format(cfg)]} (dataset.answer_format={answer_format(cfg)}); "
+            f"{cfg.answer_column!r} {answer[fmt]} (dataset.answer_format={'null' if fmt is None else fmt}); "
             f"e.g. row 0: {json.dumps(example, default=str)[:160]}")

@@ -27,6 +27,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -68,6 +69,16 @@ def _leave_process_group() -> None:
 
 def _started(*_: object) -> bool:
     return True
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def _where(exc: BaseException) -> str:
+    """` (file, line N)`: the innermost frame of the worker's traceback that pebble
+    attaches to an exception it hands back, or "" without one."""
+    frames = _FRAME.findall(str(getattr(exc, "traceback", "") or ""))
+    return f" ({frames[-1][0]}, line {frames[-1][1]})" if frames else ""
 
 
 class RewardFunctionError(RuntimeError):
@@ -188,7 +199,7 @@ class RewardScorer:
             return self._record(term, 0.0, failed=True, crashed=True, reason=f"the worker process died ({exc})")
         except Exception as exc:  # noqa: BLE001 - whatever the function raised
             self._record(term, 0.0, failed=True, error=True, reason=first_line(exc))
-            raise RewardFunctionError(f"reward.fn {term.name!r} raised {first_line(exc)}") from None
+            raise RewardFunctionError(f"reward.fn {term.name!r} raised {first_line(exc)}{_where(exc)}") from None
         try:
             value = float(raw)
         except (TypeError, ValueError):
