@@ -49,7 +49,7 @@ def write(path: Path, rows: list[dict], damage: str) -> None:
         path.write_text(text + "[1, 2]\n")
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, database=None,
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(rows=ROWS, damage=DAMAGE, suffix=st.sampled_from([".jsonl", ".json", ".csv"]))
 def test_generated_bad_datasets_exit_0_or_2_never_a_traceback(rows, damage, suffix):
