@@ -15,11 +15,12 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from areal_cli.validation import ConfigError, check_config
@@ -103,10 +104,27 @@ def _primary_config(name: str) -> tuple[Path, str, list[str]]:
     path = Path(name).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"config={name}: no such file; pass an existing YAML file or a shipped config name")
+    _check_yaml_file(path, name)
     # A user's file is composed as `[schema, file, _self_]`, so it needs no defaults list
     # of its own; the shipped tree stays on the search path for the ones it has.
     ConfigStore.instance().store(name=USER_PRIMARY, node={"defaults": [SCHEMA_NAME, path.stem, "_self_"]})
     return path.parent, USER_PRIMARY, [f"hydra.searchpath=[file://{directory}]"]
+
+
+def _check_yaml_file(path: Path, name: str) -> None:
+    """Refuse a user's YAML file that does not parse, naming its line and column, or whose
+    top level is not a mapping of keys."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config={name}: not valid YAML at {where} ({problem}); fix the file") from None
+    except (OSError, UnicodeDecodeError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config={name}: cannot read it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config={name}: the file holds a list, not a mapping of config keys (key: value lines)")
 
 
 _OVERRIDE_PARSER = OverridesParser.create()
@@ -119,8 +137,9 @@ def _check_override_grammar(word: str) -> None:
         reason = str(exc).strip().splitlines()
         detail = reason[1].strip() if len(reason) > 1 else (reason[0] if reason else "")
         detail = detail.split(" expecting ", 1)[0]  # ANTLR's list of every token it would take
+        hint = "; quote a value that starts with ~ (key='~/path')" if "=~" in word else ""
         raise ConfigError(
-            f"cannot read the override {word!r} ({detail}); write key=value, +key=value or ~key"
+            f"cannot read the override {word!r} ({detail}); write key=value, +key=value or ~key{hint}"
         ) from None
     if not parsed.key_or_group:
         raise ConfigError(f"the override {word!r} names no key; write key=value, +key=value or ~key")
@@ -169,7 +188,15 @@ def _check_known_keys(node: Any, schema: type, prefix: str) -> None:
             _check_known_keys(node[key], type(default), prefix=full_key + ".")
 
 
+# Keys that were renamed: the old key -> what to write instead.
+MOVED_KEYS = {
+    "rollout.reward_format": "reward.fn (any: math_verify, boxed: boxed_math_verify, number: final_number)",
+}
+
+
 def _unknown_key_message(full_key: str) -> str:
+    if full_key in MOVED_KEYS:
+        return f"config key {full_key!r} is now {MOVED_KEYS[full_key]}"
     parent, _, leaf = full_key.rpartition(".")
     valid = _keys_at(parent)
     hint = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)

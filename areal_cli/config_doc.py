@@ -19,7 +19,8 @@ def render_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return value if value.strip() else repr(value)
+        # Quoted where the bare text would not read back as one line (a multi-line instruction).
+        return value if value.strip() and "\n" not in value else json.dumps(value)
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, separators=(",", ":"))
     return str(value)

@@ -51,9 +51,12 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
             cfg = resolve_or_exit(words)
             from engines.hub import HubError
             from workflows.controller.failures import RolloutFailureError
+            from workflows.data.sources import DatasetError
+            from workflows.rollout.reward import RewardFunctionError
             from workflows.training.checkpoint_files import CheckpointWriteError
             from workflows.training.recover import CorruptCheckpointError
             from workflows.training.trainer import run_training  # heavy imports only when training
+            from workflows.user_code import UserCodeError
 
             launcher = None
             if cfg.deployment_mode == "disaggregated":
@@ -64,10 +67,13 @@ def train(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_default=Fa
                 run_training(cfg, launcher)
             # Rollouts kept failing, a checkpoint could not be written (disk full), or the
             # one to resume from is damaged: one line naming the cause; nothing is lost.
-            except (RolloutFailureError, CheckpointWriteError, CorruptCheckpointError) as exc:
+            # A reward function raised during an evaluation (in training it fails rollouts).
+            except (RolloutFailureError, CheckpointWriteError, CorruptCheckpointError, RewardFunctionError) as exc:
                 err.print(f"error: {exc}", markup=False, highlight=False)
                 raise typer.Exit(code=1) from None
-            except HubError as exc:  # a hub id not served, or unreachable with no offline copy: exit 2
+            # A hub id not served or unreachable with no offline copy; a dataset or user code
+            # the config-time checks could not see (a hub dataset): exit 2.
+            except (HubError, DatasetError, UserCodeError) as exc:
                 fail(str(exc))
     except RunInterrupted as exc:  # one line: where the run can be resumed from
         err.print(exc.resume_hint(["areal", "train", *words]), markup=False, highlight=False)
@@ -84,12 +90,18 @@ def eval_command(args: List[str] = typer.Argument(None, help=ARGS_HELP, show_def
         with stop_on_signals():
             cfg = resolve_or_exit(args or [])
             from engines.hub import HubError
+            from workflows.data.sources import DatasetError
+            from workflows.rollout.reward import RewardFunctionError
             from workflows.training.evaluation import evaluate_model
+            from workflows.user_code import UserCodeError
 
             try:
                 report, path = evaluate_model(cfg)
-            except HubError as exc:
+            except (HubError, DatasetError, UserCodeError) as exc:
                 fail(str(exc))
+            except RewardFunctionError as exc:
+                err.print(f"error: {exc}", markup=False, highlight=False)
+                raise typer.Exit(code=1) from None
     except RunInterrupted as exc:
         raise typer.Exit(code=exc.exit_code) from None
     line = f"accuracy {report['accuracy']:.3f} +- {report['accuracy_se']:.3f} (greedy pass@1, {report['num_prompts']} prompts)"

@@ -73,6 +73,17 @@ def server_list(v: Any) -> bool:
     return bool(items) and all(isinstance(a, str) and a.rpartition(":")[2].isdigit() and a.rpartition(":")[0] for a in items)
 
 
+def reward_entries(v: Any) -> bool:
+    """A `reward.fn`: one non-empty name or import path, or a non-empty list of them."""
+    if isinstance(v, str):
+        return non_empty(v)
+    return not hasattr(v, "keys") and hasattr(v, "__iter__") and bool(list(v)) and all(non_empty(e) for e in v)
+
+
+def mapping(v: Any) -> bool:
+    return hasattr(v, "keys") and all(isinstance(k, str) for k in v)
+
+
 # Keys without `choices` in their metadata whose values are not all fine.
 HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("experiment_name", plain_name, "must be a non-empty name without '/'"),
@@ -83,8 +94,13 @@ HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("dataset.batch_size", at_least(1), "must be >= 1 (prompts per step)"),
     Rule("dataset.max_prompt_length", at_least(1), "must be >= 1 (tokens)"),
     Rule("dataset.max_eval_samples", at_least(1), "must be >= 1 (prompts per evaluation)"),
-    Rule("dataset.task_args", lambda v: hasattr(v, "keys") and all(isinstance(k, str) for k in v),
-         "must be a mapping of the reasoning-gym task's settings, e.g. {min_terms: 2}"),
+    Rule("dataset.prompt_column", non_empty, "must name the column that holds the prompts"),
+    Rule("dataset.answer_column", non_empty, "must name the column that holds the reference answers"),
+    Rule("dataset.messages_column", non_empty, "must name a column of chat messages, or null", optional=True),
+    Rule("dataset.system_prompt", lambda v: isinstance(v, str), "must be a text, or null for none", optional=True),
+    Rule("dataset.instruction", lambda v: isinstance(v, str) and "{question}" in v,
+         "must contain {question}, where the prompt column's text goes"),
+    Rule("dataset.task_args", mapping, "must be a mapping of the reasoning-gym task's settings, e.g. {min_terms: 2}"),
     Rule("dataset.task_size", at_least(1), "must be >= 1 (problems generated per split)"),
     Rule("dataset.task_seed", at_least(0), "must be >= 0"),
     Rule("gconfig.n_samples", at_least(1), "must be >= 1 (completions per prompt, the GRPO group size)"),
@@ -112,6 +128,13 @@ HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("rollout.request_retries", at_least(0), "must be >= 0"),
     Rule("rollout.workers", at_least(1), "must be >= 1 (rollout worker processes)"),
     Rule("rollout.worker_restarts", at_least(0), "must be >= 0"),
+    Rule("rollout.workflow", lambda v: non_empty(v) and ":" in v,
+         "must be package.module:Class or path/to/file.py:Class, or null for RLVRWorkflow", optional=True),
+    Rule("rollout.workflow_args", mapping, "must be a mapping of the workflow constructor's keyword arguments"),
+    Rule("reward.fn", reward_entries, "must be a built-in reward name or an import path (module:function or "
+         "file.py:function), a non-empty list of them, or null for the dataset's default", optional=True),
+    Rule("reward.weights", lambda v: bool(list(v)) and all(_number(w) for w in v),
+         "must list one finite number per reward.fn entry, or be null for 1.0 each", optional=True),
     Rule("actor.optimizer.lr", greater_than(0), "must be > 0"),
     Rule("actor.optimizer.weight_decay", at_least(0), "must be >= 0"),
     Rule("actor.optimizer.beta1", within(0, 1, high_open=True), "must be in [0, 1)"),

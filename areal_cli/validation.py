@@ -10,7 +10,8 @@ and refuses the first bad value with a `ConfigError` of the form
 which the CLI prints on one line and exits with status 2. The rules are a table, one
 row per key (`areal_cli/rules.py`, the choices read from the schema), then the
 rules that tie several keys together (`_cross_field_errors`), then what this machine
-must have (`_path_errors`); the engines keep their own checks for programmatic use, but
+must have (`_path_errors`), then the user's own files: reward functions, rollout
+workflow, dataset files, model and run directories (`areal_cli/user_files.py`); the engines keep their own checks for programmatic use, but
 a config that passes here never trips them.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from areal_cli.rules import rule_errors
+from areal_cli.user_files import user_file_errors
 from workflows.config import ExperimentConfig
 
 
@@ -170,8 +172,8 @@ def _path_errors(cfg: ExperimentConfig) -> list[str]:
         errors += _procedural_errors(data)
     elif not Path(data).expanduser().exists() and (_looks_local(data) or not _is_hub_id(data)):
         errors.append(
-            f"dataset.path={data!r} does not exist; pass a local directory of jsonl/parquet files or a hub id "
-            "such as openai/gsm8k"
+            f"dataset.path={data!r} does not exist; pass a local directory or file of jsonl/json/parquet/csv files "
+            "or a hub id such as openai/gsm8k"
         )
     return errors
 
@@ -203,8 +205,10 @@ def check_config(cfg: ExperimentConfig, *, world_size: Optional[int] = None, che
     Args:
         world_size: replicas the job runs as; default `$WORLD_SIZE` or 1.
         check_paths: check what this machine must have: local `model.path` /
-            `dataset.path`, a server interpreter, a GPU for `model.device=cuda` (off when
-            the job runs on another machine, whose files and devices this one cannot see).
+            `dataset.path` and their files, a server interpreter, a GPU for
+            `model.device=cuda`, the reward functions and workflow by import path, a
+            writable run directory (off when the job runs on another machine, whose
+            files and devices this one cannot see).
 
     Raises:
         ConfigError: one line naming the key, its value and what to change.
@@ -217,5 +221,7 @@ def check_config(cfg: ExperimentConfig, *, world_size: Optional[int] = None, che
         errors = _cross_field_errors(cfg, world_size)
     if not errors and check_paths:
         errors = _path_errors(cfg)
+    if not errors and check_paths:
+        errors = user_file_errors(cfg)
     if errors:
         raise ConfigError(errors[0])

@@ -14,7 +14,7 @@ RolloutWorkflow`); the rest of the package is internals that may change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Optional, Protocol, runtime_checkable
 
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "InferenceEngine",
     "RewardFn",
     "RolloutWorkflow",
+    "Scorer",
     "Trajectory",
 ]
 
@@ -52,12 +53,34 @@ TRAJECTORY_KEYS = ("input_ids", "attention_mask", "loss_mask", "logprobs", "vers
 AcceptFn = Callable[[Trajectory], bool]
 """Called with a finished trajectory; False rejects it (counted, never trained)."""
 
-RewardFn = Callable[[str, str], float]
-"""`reward_fn(completion, reference) -> float`: the decoded completion text and the
-dataset row's reference answer, to a reward (1.0 right, 0.0 wrong for the shipped
-math rewards). It runs in a worker process of `RewardScorer` with a per-call timeout
-(`rollout.reward_timeout` seconds), so it must be a picklable top-level function; an
-exception or a timeout scores 0.0 and is counted."""
+RewardFn = Callable[..., float | Awaitable[float]]
+"""`reward_fn(completion: str, reference: str, *, prompt=..., row=...) -> float`.
+
+`completion` is the decoded completion text, `reference` the row's reference answer (read
+from `dataset.answer_column` per `dataset.answer_format`); the keywords are passed only
+if the function names them (or takes `**kwargs`): `prompt`, the row's prompt as the
+dataset has it (the `dataset.prompt_column` text, or the `dataset.messages_column`
+list), and `row`, a dict of all the row's columns. It returns a finite number (1.0 right,
+0.0 wrong for the shipped rewards); an `async def` function works too.
+
+Name it in the config as `reward.fn=package.module:function` or
+`reward.fn=path/to/file.py:function` (a list for several, weighted by `reward.weights`);
+the signature is checked when the config is read. It runs in a worker process of
+`RewardScorer` (workflows/rollout/reward.py) with a per-call timeout
+(`rollout.reward_timeout` seconds): a timeout or a crashed worker scores 0.0 and is
+counted; an exception (or a value that is no finite number) fails the rollout with a
+`RewardFunctionError` naming the function, and rollouts that keep failing stop the run
+(`rollout.max_consecutive_rejections`)."""
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What a rollout workflow scores with: the `scorer` its constructor receives (the
+    run's `RewardScorer`, running `reward.fn`)."""
+
+    async def ascore(self, completion: str, reference: str, *, prompt=None, row: Optional[dict] = None) -> float:
+        """The weighted reward of `completion`; raises RewardFunctionError (see RewardFn)."""
+        ...
 
 
 @runtime_checkable
@@ -66,8 +89,18 @@ class RolloutWorkflow(Protocol):
 
     `engine` is the run's inference engine (in-process or a server client); sample from
     it with `await engine.agenerate(request)`, and read the policy version it is serving
-    with `engine.get_version()`. `data` is one dataset row (`{"id": int, "prompt_ids":
-    list[int], "answer": str, "epoch": int, ...}`).
+    with `engine.get_version()`. `data` is one dataset row: `{"id": int, "prompt_ids":
+    list[int] (the chat-templated prompt), "prompt": the prompt as the dataset has it,
+    "question": str, "answer": str (the reference), "columns": dict (every column of the
+    row), "epoch": int}`.
+
+    Name a class of your own in the config as `rollout.workflow=package.module:Class` (or
+    `path/to/file.py:Class`) with `rollout.workflow_args={...}`; every process that runs
+    rollouts (the trainer, a disaggregated rollout worker, `areal eval`'s controller)
+    builds it as `Class(**workflow_args, gconfig=..., tokenizer=..., scorer=..., seed=...)`,
+    passing only the last four that the constructor names (or all with `**kwargs`):
+    `gconfig` the sampling settings (engines/config.py `GenerationConfig`), `tokenizer`
+    the model's, `scorer` a `Scorer`, `seed` the sampling seed or None.
 
     Returns a `Trajectory`, or None to reject the episode (counted as rejected, never
     trained). An exception is counted as a failed rollout; it never stops the controller,

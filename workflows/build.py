@@ -23,8 +23,10 @@ from engines.servers import ServerGroup, find_server_python, start_servers
 from engines.weights import publish_weights
 from workflows.config import ExperimentConfig
 from workflows.controller.executor import WorkflowExecutor
-from workflows.rollout.reward import REWARD_FUNCTIONS, RewardScorer
+from workflows.rollout.reward import RewardScorer
+from workflows.rollout.reward_fns import resolve_rewards
 from workflows.rollout.rlvr import RLVRWorkflow, has_reward_variance
+from workflows.user_code import UserCodeError, load_object, workflow_keywords
 
 
 def prepare_process(cfg: ExperimentConfig) -> tuple[Path, object]:
@@ -116,16 +118,38 @@ def close_inference(inference, servers: Optional[ServerGroup]) -> None:
 
 
 def build_scorer(cfg: ExperimentConfig) -> RewardScorer:
-    """The reward scorer of `rollout.reward_format` (the function), `rollout.reward_workers`
-    (processes) and `rollout.reward_timeout` (seconds per call). Close it when done."""
+    """The reward scorer of `reward.fn` / `reward.weights` (the functions),
+    `rollout.reward_workers` (processes) and `rollout.reward_timeout` (seconds per call).
+    Close it when done.
+
+    Raises:
+        UserCodeError: a reward function that does not load or has the wrong signature.
+    """
     r = cfg.rollout
-    return RewardScorer(num_workers=r.reward_workers, timeout=r.reward_timeout,
-                        reward_fn=REWARD_FUNCTIONS[r.reward_format])
+    return RewardScorer(num_workers=r.reward_workers, timeout=r.reward_timeout, reward_fn=resolve_rewards(cfg))
 
 
-def build_workflow(cfg: ExperimentConfig, tokenizer, scorer: RewardScorer) -> RLVRWorkflow:
-    """The rollout workflow: `gconfig.n_samples` completions per prompt, scored by `scorer`."""
-    return RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed(cfg))
+def build_workflow(cfg: ExperimentConfig, tokenizer, scorer: RewardScorer):
+    """The rollout workflow: `rollout.workflow` built with `rollout.workflow_args` plus
+    whichever of `gconfig`, `tokenizer`, `scorer` and `seed` (the sampling seed) its
+    constructor takes; by default `RLVRWorkflow` (`gconfig.n_samples` completions per
+    prompt, scored by `scorer`). Every process that runs rollouts builds it here.
+
+    Raises:
+        UserCodeError: `rollout.workflow` does not load, its constructor does not take
+            the arguments, or what it builds has no async `arun_episode`.
+    """
+    spec = cfg.rollout.workflow
+    if spec is None:
+        return RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed(cfg))
+    factory = load_object(spec, "rollout.workflow")
+    args = dict(cfg.rollout.workflow_args)
+    given = {"gconfig": cfg.gconfig, "tokenizer": tokenizer, "scorer": scorer, "seed": sampling_seed(cfg)}
+    workflow = factory(**args, **{k: given[k] for k in workflow_keywords(factory, args, spec)})
+    if not callable(getattr(workflow, "arun_episode", None)):
+        raise UserCodeError(f"rollout.workflow={spec!r} built a {type(workflow).__name__}, which has no "
+                            "arun_episode(engine, data); see workflows/api.py, RolloutWorkflow")
+    return workflow
 
 
 def build_executor(

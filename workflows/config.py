@@ -23,9 +23,14 @@ DEPLOYMENT_MODES = ("local_colocated", "dataflow_colocated", "disaggregated")
 METADATA_STORES = ("noop", "memory", "sqlite")
 STATS_BACKENDS = ("console", "jsonl", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
-# The one list of reward formats: workflows/rollout/reward.py maps each to its function
-# and refuses, at import, a mapping that differs from it.
-REWARD_FORMATS = ("any", "boxed", "number")
+# The built-in reward functions, by the name `reward.fn` takes: workflows/rollout/reward_fns.py
+# maps each to its function and refuses, at import, a mapping that differs from it.
+BUILTIN_REWARDS = ("math_verify", "boxed_math_verify", "final_number", "exact_match", "reasoning_gym")
+# How the reference answer is read from the answer column (workflows/data/sources.py).
+ANSWER_FORMATS = ("gsm8k", "boxed", "raw")
+PROCEDURAL_PREFIX = "reasoning_gym:"
+# Today's instruction, which the shipped configs' results were measured with.
+DEFAULT_INSTRUCTION = "{question}\nSolve the problem step by step, then give the final answer as a number in \\boxed{}."
 
 
 @dataclass
@@ -33,17 +38,40 @@ class DatasetConfig:
     """Where prompts come from.
 
     `path` is a hub dataset id (read with `datasets.load_dataset`) or a local directory
-    (or file) of `.jsonl` / `.parquet` files such as `train.jsonl` and `test.jsonl`.
-    With the hub unreachable, `openai/gsm8k` is read from the copy shipped with the
-    package (workflows/data/gsm8k/). `reasoning_gym:<task>` generates a procedural task
-    of the PyPI package reasoning-gym (workflows/data/dataset.py, `procedural_split`).
+    (or file) of `.jsonl` / `.json` / `.parquet` / `.csv` files such as `train.jsonl` and
+    `test.jsonl`. With the hub unreachable, `openai/gsm8k` is read from the copy shipped
+    with the package (workflows/data/gsm8k/). `reasoning_gym:<task>` generates a
+    procedural task of the PyPI package reasoning-gym (workflows/data/sources.py,
+    `procedural_split`). The column settings say which columns hold the prompt and the
+    reference; every column of a row reaches the reward function (`row`).
     """
 
     path: str = option(
         "openai/gsm8k",
-        "A hub dataset id, a local directory or file of .jsonl / .parquet files, or reasoning_gym:<task> (a "
-        "procedural task of the reasoning-gym package). With the hub unreachable, openai/gsm8k is read from the "
-        "copy shipped in workflows/data/gsm8k/.",
+        "A hub dataset id, a local directory or file of .jsonl / .json / .parquet / .csv files, or "
+        "reasoning_gym:<task> (a procedural task of the reasoning-gym package). With the hub unreachable, "
+        "openai/gsm8k is read from the copy shipped in workflows/data/gsm8k/.",
+    )
+    prompt_column: str = option("question", "The column holding each prompt's text (the {question} of instruction).")
+    answer_column: str = option("answer", "The column holding each row's reference answer (read per answer_format).")
+    answer_format: Optional[str] = option(
+        None,
+        "How the reference is read from answer_column. gsm8k: the text after the last '####', thousands separators "
+        "removed; boxed: the content of the last \\boxed{}; raw: the column as it is (stripped). null: gsm8k where "
+        "the column has a '####', else raw.",
+        choices=ANSWER_FORMATS,
+        null="gsm8k where the column has a '####', else raw",
+    )
+    messages_column: Optional[str] = option(
+        None,
+        "A column of chat messages ([{role: ..., content: ...}, ...]) used as the prompt as it is: no instruction "
+        "or system prompt is added. null: the prompt is built from prompt_column.",
+    )
+    system_prompt: Optional[str] = option(None, "A system message put before each prompt; null: none.")
+    instruction: str = option(
+        DEFAULT_INSTRUCTION,
+        "The user message of each prompt: {question} is replaced by the prompt column's text (stripped); the "
+        "default asks for a step-by-step solution and a \\boxed{} answer.",
     )
     name: Optional[str] = option("main", "The hub dataset's config name; ignored for local paths. null: none.")
     split: str = option("train", "The training split (local files whose names start with it).")
@@ -77,13 +105,6 @@ class RolloutConfig:
     queue_size: int = option(64, "Most rollouts waiting to start.")
     reward_timeout: float = option(10.0, "Seconds per reward call before it scores 0.")
     reward_workers: int = option(2, "Processes that score rewards.")
-    reward_format: str = option(
-        "any",
-        "Which answer scores (workflows/rollout/reward.py). any: math-verify takes the last answer it finds (an "
-        "expression that evaluates to the answer counts); boxed: only an answer in \\boxed{}, as the prompt asks; "
-        "number: only the last number written.",
-        choices=REWARD_FORMATS,
-    )
     dump_trajectories: bool = option(
         False, "Append every trained trajectory to <run_dir>/trajectories/<version>.jsonl."
     )
@@ -148,6 +169,28 @@ class RolloutConfig:
     worker_restarts: int = option(
         3, "Restarts of rollout workers that die, over the whole run, before it stops with an error."
     )
+    workflow: Optional[str] = option(
+        None,
+        "The rollout workflow: package.module:Class or path/to/file.py:Class, any class with an async "
+        "arun_episode(engine, data) (workflows/api.py, RolloutWorkflow). null: RLVRWorkflow.",
+    )
+    workflow_args: dict[str, Any] = option(
+        {}, "Keyword arguments of rollout.workflow's constructor, besides the ones the run passes."
+    )
+
+
+@dataclass
+class RewardConfig:
+    """What scores a completion (workflows/rollout/reward_fns.py; the contract is
+    workflows/api.py's `RewardFn`)."""
+
+    fn: Any = option(
+        None,
+        "The reward function: a built-in name (math_verify, boxed_math_verify, final_number, exact_match, "
+        "reasoning_gym), package.module:function or path/to/file.py:function; a list of them for a weighted sum. "
+        "null: reasoning_gym for reasoning_gym:<task> datasets, else math_verify.",
+    )
+    weights: Optional[list[float]] = option(None, "One weight per reward.fn entry; null: 1.0 each.")
 
 
 @dataclass
@@ -241,6 +284,7 @@ class ExperimentConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     gconfig: GenerationConfig = field(default_factory=GenerationConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stats_logger: StatsLoggerConfig = field(default_factory=StatsLoggerConfig)

@@ -90,7 +90,7 @@ def test_every_leaf_key_has_help():
 
 
 def test_the_enumerated_keys_are_found():
-    assert {"model.dtype", "rollout.reward_format", "stats_logger.backends", "metadata_store"} <= {
+    assert {"model.dtype", "dataset.answer_format", "stats_logger.backends", "metadata_store"} <= {
         key for key, _, _ in CHOICE_FIELDS
     }
 

@@ -1,123 +1,67 @@
-"""GSM8K prompts for RL: loading, prompt formatting and batching.
+"""Prompt datasets for RL: rows to chat-templated prompts, held-out selection, batching.
 
-Rows come from a local directory or file of `.jsonl` / `.parquet`, or from the hub
-(`datasets.load_dataset("openai/gsm8k", "main")`). When the hub cannot be reached, a hub id
-that `PACKAGED_DATASETS` knows is read from the copy shipped with the package: GSM8K's
-train and test splits (OpenAI, MIT licence, `workflows/data/gsm8k/LICENSE`). Each usable
-row becomes
+Rows come from `workflows/data/sources.py` (local files, the hub, the shipped GSM8K, or
+reasoning-gym). Each usable row becomes
 
-    {"id": int, "prompt_ids": list[int], "question": str, "answer": str}
+    {"id": int, "prompt_ids": list[int], "prompt": str | list[dict], "question": str,
+     "answer": str, "columns": dict}
 
-where `answer` is the reference number after `####` in GSM8K's solution text. Rows that
-lack a question or a `####` answer, or whose prompt is longer than
-`dataset.max_prompt_length` tokens, are skipped, counted and reported.
+`prompt_ids` is the chat-templated prompt (the tokenizer's chat template): the messages
+of `dataset.messages_column` as they are, or an optional `dataset.system_prompt` and the
+user message `dataset.instruction` with `{question}` replaced by the
+`dataset.prompt_column` text. `prompt` is that column's value, `question` its text (the
+messages' contents for a messages column), `answer` the reference read from
+`dataset.answer_column` per `dataset.answer_format`, and `columns` every column of the
+row (what reward functions get as `row`). Rows without a prompt or a reference, or whose
+prompt is longer than `dataset.max_prompt_length` tokens, are skipped, counted and
+reported.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
-import datasets
 import torch
-from datasets.exceptions import DatasetNotFoundError
 
-from engines.hub import hub_reachable, refused_error, unreachable_error
-from workflows.config import DatasetConfig
+from workflows.config import DEFAULT_INSTRUCTION, DatasetConfig
+from workflows.data.answers import READERS, reference_answer
+from workflows.data.sources import (
+    PACKAGED_DATASETS,
+    DatasetError,
+    _has_prompt,
+    answer_format,
+    check_rows,
+    load_raw_split,
+    no_usable_rows,
+    procedural_split,
+)
+
+__all__ = ["PACKAGED_DATASETS", "DatasetError", "PromptDataset", "PromptLoader", "TrainedPrompts", "build_prompt_ids",
+           "held_out_rows", "load_eval_rows", "load_prompt_dataset", "load_raw_split", "procedural_split",
+           "prompt_messages", "reference_answer"]
 
 logger = logging.getLogger(__name__)
 
-INSTRUCTION = "Solve the problem step by step, then give the final answer as a number in \\boxed{}."
-DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-# hub id -> the copy shipped as package data (its default config, "main"), read offline.
-PACKAGED_DATASETS = {"openai/gsm8k": Path(__file__).resolve().parent / "gsm8k"}
-_warned_packaged: set[str] = set()
+INSTRUCTION = DEFAULT_INSTRUCTION.replace("{question}\n", "")
 
 
-def reference_answer(solution: str) -> Optional[str]:
-    """The number after `####` in a GSM8K solution, without thousands separators."""
-    if not isinstance(solution, str) or "####" not in solution:
-        return None
-    answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
-    return answer or None
+def prompt_messages(question: str, instruction: str = DEFAULT_INSTRUCTION,
+                    system_prompt: Optional[str] = None) -> list[dict]:
+    """The chat messages of a prompt: `system_prompt` (if any), then `instruction` with
+    `{question}` replaced by the stripped question."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": instruction.replace("{question}", question.strip())}]
 
 
-def build_prompt_ids(tokenizer, question: str) -> list[int]:
-    """Chat-template the question with the boxed-answer instruction; token ids."""
-    messages = [{"role": "user", "content": f"{question.strip()}\n{INSTRUCTION}"}]
+def build_prompt_ids(tokenizer, question: Any, instruction: str = DEFAULT_INSTRUCTION,
+                     system_prompt: Optional[str] = None) -> list[int]:
+    """Chat-template a prompt (a question, or a list of chat messages taken as they are)
+    with the generation prompt appended; token ids."""
+    messages = question if isinstance(question, list) else prompt_messages(question, instruction, system_prompt)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-
-PROCEDURAL_PREFIX = "reasoning_gym:"
-SPLIT_SEED_OFFSET = 2**31  # held-out splits of a procedural task: seeds apart from train's
-
-
-def procedural_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
-    """`cfg.task_size` problems of the reasoning-gym task named after `reasoning_gym:`,
-    in GSM8K's columns (`question`, `answer` ending in `#### <answer>`). reasoning-gym
-    draws problem i from seed `seed + i`, so the splits take seeds `task_seed` (train)
-    and `task_seed + 2**31` (any other split): seed ranges that never overlap. A
-    held-out question that the training split also drew by chance is left out of
-    evaluation (workflows/training/evaluation.py).
-
-    Raises:
-        ImportError: reasoning-gym is not installed (`pip install reasoning-gym`).
-        ValueError: an unknown task or task argument.
-    """
-    import reasoning_gym
-
-    task = cfg.path[len(PROCEDURAL_PREFIX):]
-    seed = cfg.task_seed + (0 if split == "train" else SPLIT_SEED_OFFSET)
-    try:
-        problems = reasoning_gym.create_dataset(task, size=cfg.task_size, seed=seed, **dict(cfg.task_args))
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"dataset.path={cfg.path!r} with dataset.task_args={dict(cfg.task_args)}: {exc}") from None
-    return datasets.Dataset.from_list([{"question": p["question"], "answer": f"#### {p['answer']}"} for p in problems])
-
-
-def load_raw_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
-    """Read one split from local files, the hub, or the shipped offline copy.
-
-    A local `cfg.path` is read directly: a file, or the files of a directory whose names
-    start with `split` (e.g. `train.jsonl`, `train-00000.parquet`). A hub id goes to
-    `datasets.load_dataset` when the hub is reachable (`engines/hub.py`); otherwise to the
-    copy in `PACKAGED_DATASETS` (one warning per process).
-
-    Raises:
-        FileNotFoundError: a local directory without files for `split`.
-        HubUnreachableError: a hub id, the hub unreachable, and no shipped copy of it.
-        HubError: a hub id that the reachable hub has no dataset for (or refuses).
-    """
-    if cfg.path.startswith(PROCEDURAL_PREFIX):
-        return procedural_split(cfg, split)
-    path = Path(cfg.path).expanduser()
-    if path.exists():
-        return _load_local(path, split, cfg.path)
-    if hub_reachable():
-        try:
-            return datasets.load_dataset(cfg.path, cfg.name, split=split)
-        except DatasetNotFoundError as exc:  # no such dataset, or gated/private
-            raise refused_error("dataset.path", cfg.path, "<local dir of jsonl/parquet>", exc) from None
-    packaged = PACKAGED_DATASETS.get(cfg.path)
-    if packaged is None or cfg.name not in (None, "main"):
-        raise unreachable_error("dataset.path", cfg.path, "<local dir of jsonl/parquet>")
-    if cfg.path not in _warned_packaged:
-        _warned_packaged.add(cfg.path)
-        logger.warning("hub unreachable for %s; using the copy shipped with areal (%s)", cfg.path, packaged)
-    return _load_local(packaged, split, cfg.path)
-
-
-def _load_local(path: Path, split: str, name: str) -> datasets.Dataset:
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.name.startswith(split)
-    )
-    if not files:
-        raise FileNotFoundError(f"dataset.path={name!r} has no {split}*.jsonl or {split}*.parquet files")
-    builder = DATA_SUFFIXES[files[0].suffix]
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
 
 
 @dataclass
@@ -141,33 +85,40 @@ class PromptDataset:
 
 
 def load_prompt_dataset(cfg: DatasetConfig, tokenizer, split: Optional[str] = None) -> PromptDataset:
-    """Load, validate and tokenise a split.
+    """Load, validate and tokenise a split (the row format is in the module docstring).
 
     Raises:
-        ValueError: no usable row is left (empty file, wrong columns, all too long).
+        DatasetError: the split cannot be read, has no rows or lacks the configured
+            columns, or no usable row is left (no prompt or reference, all too long).
+        HubError: see `load_raw_split`.
     """
     split = split or cfg.split
     raw = load_raw_split(cfg, split)
+    check_rows(cfg, raw, split)
+    read = READERS[answer_format(cfg)]
+    prompt_key = cfg.messages_column or cfg.prompt_column
     out = PromptDataset(rows=[], split=split)
     for index, row in enumerate(raw):
-        question, answer = row.get("question"), reference_answer(row.get("answer"))
-        if not isinstance(question, str) or not question.strip() or answer is None:
+        prompt, answer = row.get(prompt_key), read(row.get(cfg.answer_column))
+        if not _has_prompt(prompt, bool(cfg.messages_column)) or answer is None:
             out.num_malformed += 1
             if len(out.skipped_examples) < 3:
                 out.skipped_examples.append(f"row {index}: {str(row)[:120]}")
             continue
-        prompt_ids = build_prompt_ids(tokenizer, question)
+        prompt_ids = build_prompt_ids(tokenizer, prompt, cfg.instruction, cfg.system_prompt)
         if len(prompt_ids) > cfg.max_prompt_length:
             out.num_too_long += 1
             continue
-        out.rows.append({"id": index, "prompt_ids": prompt_ids, "question": question, "answer": answer})
+        question = "\n".join(m["content"] for m in prompt) if isinstance(prompt, list) else prompt
+        out.rows.append({"id": index, "prompt_ids": prompt_ids, "prompt": prompt, "question": question,
+                         "answer": answer, "columns": dict(row)})
     if out.num_malformed or out.num_too_long:
         logger.warning("%s%s", out.report(), "".join(f"\n  e.g. {e}" for e in out.skipped_examples))
     if not out.rows:
-        raise ValueError(
-            f"dataset.path={cfg.path!r} split {split!r} has no usable rows ({out.report()}); "
-            "GSM8K rows need a 'question' and an 'answer' ending in '#### <number>'"
-        )
+        if out.num_malformed == len(raw):
+            raise DatasetError(no_usable_rows(cfg, split, raw[0]))
+        raise DatasetError(f"dataset.path={cfg.path!r} split {split!r} has no usable rows ({out.report()}); raise "
+                           "dataset.max_prompt_length or shorten the prompts")
     return out
 
 
@@ -298,7 +249,8 @@ class PromptLoader:
     exactly once. A resumed epoch's last batch may be short.
 
     Raises:
-        ValueError: a batch larger than the dataset, or not divisible by `world_size`.
+        DatasetError: a batch larger than the dataset (a ValueError).
+        ValueError: a batch not divisible by `world_size`.
     """
 
     def __init__(
@@ -313,7 +265,8 @@ class PromptLoader:
         world_size: int = 1,
     ):
         if batch_size > len(dataset):
-            raise ValueError(f"dataset.batch_size={batch_size} exceeds the {len(dataset)} prompts available")
+            raise DatasetError(f"dataset.batch_size={batch_size} exceeds the {len(dataset)} usable prompts of the "
+                               f"{dataset.split!r} split; lower dataset.batch_size or add rows")
         if batch_size % world_size:
             raise ValueError(f"dataset.batch_size={batch_size} must be a multiple of the {world_size} replicas")
         self.dataset, self.batch_size, self.shuffle, self.seed, self.drop_last = dataset, batch_size, shuffle, seed, drop_last

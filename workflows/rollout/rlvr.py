@@ -16,13 +16,15 @@ from workflows.rollout.reward import RewardScorer
 class RLVRWorkflow:
     """Sample `gconfig.n_samples` completions of one prompt concurrently and score them.
 
-    `await arun_episode(engine, data)` with `data = {"prompt_ids": list[int], "answer":
-    str, "id": int, "epoch": int, ...}` returns a `Trajectory` (workflows/api.py), one row
-    per completion (n = n_samples), whose `rewards` [n] float32 are 1.0 for a correct
-    answer and 0.0 otherwise; `epoch` is 0 when `data` has none.
+    `await arun_episode(engine, data)` with a dataset row `data = {"prompt_ids":
+    list[int], "answer": str, "prompt": ..., "columns": dict, "id": int, "epoch": int}`
+    returns a `Trajectory` (workflows/api.py), one row per completion (n = n_samples),
+    whose `rewards` [n] float32 are the scorer's (reward.fn's) values; `epoch` is 0 when
+    `data` has none.
 
     With `seed`, each prompt's group is sampled from its own seeded RNG (deterministic
-    mode). An engine failure propagates; the rollout controller counts it as rejected.
+    mode). An engine failure, or a reward function that raises (RewardFunctionError),
+    propagates; the rollout controller counts the rollout as rejected.
     """
 
     def __init__(self, *, gconfig: GenerationConfig, tokenizer, scorer: RewardScorer, seed: Optional[int] = None):
@@ -40,7 +42,9 @@ class RLVRWorkflow:
         request = GenerationRequest.from_gconfig(data["prompt_ids"], self.gconfig, seed=seed)
         responses = await asyncio.gather(*(engine.agenerate(request) for _ in range(self.gconfig.n_samples)))
         texts = [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in responses]
-        rewards = await asyncio.gather(*(self.scorer.ascore(t, data["answer"]) for t in texts))
+        rewards = await asyncio.gather(
+            *(self.scorer.ascore(t, data["answer"], prompt=data.get("prompt"), row=data.get("columns")) for t in texts)
+        )
         trajectory = pack_trajectory(responses, rewards, pad_token_id=self.tokenizer.pad_token_id)
         n = len(responses)
         trajectory["prompt_id"] = torch.full((n,), int(data["id"]), dtype=torch.long)

@@ -51,7 +51,9 @@ async def _evaluate_prompt(engine, scorer, tokenizer, row: dict, gconfig, n_samp
     sampled = GenerationRequest.from_gconfig(row["prompt_ids"], gconfig, seed=seed)
     responses = await asyncio.gather(engine.agenerate(greedy), *(engine.agenerate(sampled) for _ in range(n_samples)))
     texts = [tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in responses]
-    scores = await asyncio.gather(*(scorer.ascore(text, row["answer"]) for text in texts))
+    scores = await asyncio.gather(
+        *(scorer.ascore(text, row["answer"], prompt=row.get("prompt"), row=row.get("columns")) for text in texts)
+    )
     return {
         "id": int(row["id"]), "answer": row["answer"], "greedy_completion": texts[0], "greedy_correct": scores[0] >= 1.0,
         "num_samples": n_samples, "num_correct": sum(s >= 1.0 for s in scores[1:]),

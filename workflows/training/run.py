@@ -23,6 +23,7 @@ from engines.model import load_model
 from engines.remote import RemoteInferenceEngine
 from engines.servers import ServerGroup
 from engines.train_engine import TrainEngine
+from workflows.api import RolloutWorkflow
 from workflows.build import (
     build_executor,
     build_inference,
@@ -38,7 +39,6 @@ from workflows.controller.executor import WorkflowExecutor
 from workflows.data.dataset import PromptLoader, TrainedPrompts, load_eval_rows, load_prompt_dataset
 from workflows.metrics.stats import NullStatsLogger, StatsLogger
 from workflows.rollout.reward import RewardScorer
-from workflows.rollout.rlvr import RLVRWorkflow
 from workflows.training.checkpoint_files import remove_stale_temporaries
 from workflows.training.recover import (
     CorruptCheckpointError,
@@ -108,7 +108,7 @@ class Run:
     servers: Optional[ServerGroup]  # inference servers this run started (rollout.backend != local)
     engine: TrainEngine
     scorer: Optional[RewardScorer]
-    workflow: Optional[RLVRWorkflow]
+    workflow: Optional[RolloutWorkflow]
     executor: Optional[WorkflowExecutor]
     dump_dir: Optional[Path]
     control: ControlPlane

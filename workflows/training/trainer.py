@@ -157,6 +157,7 @@ def evaluate_held_out(cfg: ExperimentConfig, run: Run, step: int, progress) -> d
     """Greedy pass@1 (and pass@k) on the held-out prompts with the weights of `step`,
     through the run's rollout controller; the report goes to `<run_dir>/eval/step_<step>.json`."""
     report = run_evaluation(run.executor, run.inference, run.scorer, run.tokenizer, run.eval_rows, cfg, progress=progress)
+    run.scorer.take_means()  # the held-out scores stay out of the next step's per-function means
     write_report(report, run.run_dir / "eval" / f"step_{step}.json")
     return stats_of(report)
 
@@ -265,6 +266,9 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
             # With disaggregated rollouts the reward processes are the workers'; their logs count them.
             failed = run.scorer.stats.num_failed if run.scorer is not None else 0
             record["reward_failures"] = position.reward_failures + failed
+            if run.scorer is not None and len(run.scorer.terms) > 1:
+                # Each function's own mean beside the weighted sum (TRL's rewards/<name>).
+                record.update({f"reward/{name}": mean for name, mean in run.scorer.take_means().items()})
             if run.eval_rows and step % cfg.trainer.eval_freq_steps == 0:
                 record.update(evaluate_held_out(cfg, run, step, progress))
             # The step's record and checkpoints are written whole: a signal waits for them.
