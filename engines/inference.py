@@ -16,7 +16,7 @@ import asyncio
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Protocol, runtime_checkable
 
 import torch
@@ -98,9 +98,10 @@ class GenerationRequest:
     top_p: float = 1.0
     top_k: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
-    # With a seed, requests sharing it are sampled as one batch from an RNG seeded with
-    # it, so the samples do not depend on what else is being generated (deterministic
-    # mode; data-parallel ranks then reproduce a single-process run).
+    # With a seed, requests sharing it are sampled together, in batches of up to
+    # `max_batch_size`, from an RNG seeded with it (batch k > 0 with hash((seed, k))),
+    # so the samples do not depend on what else is being generated (deterministic mode;
+    # data-parallel ranks then reproduce a single-process run).
     seed: Optional[int] = None
 
     @classmethod
@@ -186,6 +187,7 @@ class LocalInferenceEngine:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="areal-generate")
         self._pending: list[tuple[GenerationRequest, asyncio.Future]] = []
         self._flush_scheduled = False
+        self._seed_parts: dict[tuple, int] = {}  # sampling key -> batches of that seeded group issued so far
         self._running = threading.Event()
         self._running.set()
         self._destroyed = threading.Event()
@@ -255,8 +257,9 @@ class LocalInferenceEngine:
             batch = [item for item in self._pending if item[0].sampling_key() == key][: self.max_batch_size]
             for item in batch:
                 self._pending.remove(item)
+            requests = self._seed_sub_batch(key, [r for r, _ in batch])
             try:
-                responses = await loop.run_in_executor(self._worker, self.generate, [r for r, _ in batch])
+                responses = await loop.run_in_executor(self._worker, self.generate, requests)
             except Exception as exc:  # every waiter learns of the failure; the engine lives on
                 for _, fut in batch:
                     if not fut.done():
@@ -265,6 +268,21 @@ class LocalInferenceEngine:
             for (_, fut), response in zip(batch, responses):
                 if not fut.done():
                     fut.set_result(response)
+
+    def _seed_sub_batch(self, key: tuple, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """`requests` (one batch of a seeded group) with the seed of their batch: a group
+        larger than `max_batch_size` is decoded in several batches, and re-seeding each
+        with the group's seed would repeat the first batch's samples. Batch k > 0 of a
+        group gets seed hash((seed, k)); the first keeps the group's seed."""
+        seed = requests[0].seed
+        if seed is None:
+            return requests
+        part = self._seed_parts.get(key, 0)
+        if any(item[0].sampling_key() == key for item in self._pending):
+            self._seed_parts[key] = part + 1
+        else:  # the group's last batch: forget it, so the table does not grow with the run
+            self._seed_parts.pop(key, None)
+        return requests if part == 0 else [replace(r, seed=hash((seed, part)) % (2**31)) for r in requests]
 
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:

@@ -175,3 +175,23 @@ def test_model_generation_config_does_not_shape_sampling(tiny_model, tokenizer, 
         logp = token_logprobs(engine.model, ids, torch.ones_like(ids), temperature=1.0)[0, len(r.input_ids) :]
         torch.testing.assert_close(torch.tensor(r.output_logprobs), logp, atol=1e-4, rtol=1e-4)
     engine.destroy()
+
+
+def test_seeded_group_larger_than_a_batch_does_not_repeat_samples(tiny_model, tokenizer):
+    """Deterministic mode with gconfig.n_samples > gconfig.max_batch_size: the group is
+    decoded in several batches, and each must draw its own samples (re-seeding each with
+    the group's seed made them copies), still reproducibly."""
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=2)
+
+    async def group():
+        request = GenerationRequest(input_ids=[1, 520, 9531, 198], max_new_tokens=6, seed=1234)
+        return [tuple(r.output_ids) for r in await asyncio.gather(*(engine.agenerate(request) for _ in range(6)))]
+
+    first = asyncio.run(group())
+    assert len(set(first)) == 6
+    assert asyncio.run(group()) == first
+    # The first batch of a group is seeded as before, so groups that fit in one batch
+    # sample what they always did.
+    alone = engine.generate([GenerationRequest(input_ids=[1, 520, 9531, 198], max_new_tokens=6, seed=1234)] * 2)
+    assert [tuple(r.output_ids) for r in alone] == first[:2]
+    engine.destroy()
