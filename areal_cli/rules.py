@@ -131,6 +131,8 @@ HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("actor.overlong_buffer_tokens", at_least(0), "must be >= 0 (tokens; 0 disables the overlong penalty)"),
     Rule("actor.overlong_penalty", at_least(0), "must be >= 0 (reward lost at gconfig.max_new_tokens)"),
     Rule("actor.behav_imp_weight_cap", greater_than(1), "must be > 1, or null for no cap", optional=True),
+    Rule("actor.tis_cap", at_least(1), "must be >= 1 (Yao et al. use 2), or null for no truncated importance sampling",
+         optional=True),
     Rule("trainer.total_steps", at_least(1), "must be >= 1, or null to train trainer.total_epochs", optional=True),
     Rule("trainer.total_epochs", at_least(1), "must be >= 1"),
     Rule("trainer.save_freq_steps", at_least(0), "must be >= 0 (0 saves only at the end)"),

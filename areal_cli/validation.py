@@ -54,6 +54,13 @@ def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
         errors.append(
             "actor.use_decoupled_loss=True needs the proximal logprobs; set actor.recompute_logprob=true"
         )
+    if actor.tis_cap is not None and not actor.recompute_logprob:
+        errors.append(f"actor.tis_cap={actor.tis_cap} weights tokens by the trainer's over the sampler's logprobs; "
+                      "set actor.recompute_logprob=true so the trainer computes its own")
+    if actor.tis_cap is not None and actor.use_decoupled_loss:
+        errors.append(f"actor.tis_cap={actor.tis_cap} with actor.use_decoupled_loss=true would correct the sampler "
+                      "twice (the decoupled loss's behaviour weight already does, capped by actor.behav_imp_weight_cap); "
+                      "turn one of them off")
     if actor.group_reward_norm and g.n_samples == 1:
         errors.append(
             "gconfig.n_samples=1 with actor.group_reward_norm=true gives every sample advantage 0 (a group of one); "

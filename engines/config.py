@@ -28,6 +28,7 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 MIXED_PRECISION = ("none", "bf16", "auto")
 LOSS_NORMALIZATIONS = ("token", "constant")
+TIS_MODES = ("truncate", "mask")
 
 
 def option(default: Any, help: str, *, choices: Optional[tuple[str, ...]] = None, null: Optional[str] = None) -> Any:
@@ -216,4 +217,17 @@ class ActorConfig:
     behav_imp_weight_cap: Optional[float] = option(
         None,
         "Tokens whose behaviour importance weight exceeds this are masked out of the decoupled loss; null: no cap.",
+    )
+    tis_cap: Optional[float] = option(
+        None,
+        "Truncated importance sampling against the sampler-trainer mismatch (Yao et al., 2025, 'Your efficient RL "
+        "framework secretly brings you off-policy RL training'; C = 2 there): each token's loss is weighted by "
+        "rho = pi_trainer_old / pi_sampler, truncated at this cap (see tis_mode). Needs recompute_logprob (the "
+        "trainer's own logprobs) and not use_decoupled_loss (whose behaviour weight already corrects it); null: off.",
+    )
+    tis_mode: str = option(
+        "truncate",
+        "How tis_cap bounds rho. truncate: weight min(rho, tis_cap); mask: weight rho, and tokens with "
+        "rho > tis_cap are dropped from the loss (counted in masked_fraction).",
+        choices=TIS_MODES,
     )

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from engines.config import KL_ESTIMATORS
+from engines.config import KL_ESTIMATORS, TIS_MODES
 
 
 def group_normalized_advantages(
@@ -98,6 +98,39 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: Optional[
     return total / count.clamp(min=1)
 
 
+def truncated_importance_weights(
+    train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, *, cap: float, mode: str = "truncate"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token correction of the sampler-trainer mismatch: truncated importance sampling
+    (Yao et al., 2025, "Your efficient RL framework secretly brings you off-policy RL
+    training"). The sampler (its kernels, precision, batching) does not compute exactly
+    the trainer's distribution, so tokens drawn from pi_sampler are reweighted by
+    rho = pi_train_old(y_t) / pi_sampler(y_t), truncated to bound the variance:
+
+        truncate: w_t = min(rho_t, C)
+        mask:     w_t = rho_t where rho_t <= C, and the token is dropped where rho_t > C
+
+    Args:
+        train_logprobs: [B, L] float32, the trainer's logprobs of the sampled tokens
+            under the weights that sampled them (`actor.recompute_logprob`).
+        sampler_logprobs: [B, L] float32, the sampler's logprobs of the same tokens.
+        cap: C (>= 1).
+        mode: "truncate" or "mask".
+    Returns:
+        (w [B, L] float32 without gradient, keep [B, L] float32 0/1: 0 where `mask`
+        dropped the token, else 1).
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode not in TIS_MODES:
+        raise ValueError(f"actor.tis_mode={mode!r} is not supported; valid: {', '.join(TIS_MODES)}")
+    rho = torch.exp(train_logprobs.detach().float() - sampler_logprobs.detach().float())
+    if mode == "truncate":
+        return rho.clamp(max=cap), torch.ones_like(rho)
+    keep = (rho <= cap).float()
+    return rho * keep, keep
+
+
 @dataclass
 class PPOLossOutput:
     """The loss and its token statistics; every field is a float32 scalar tensor."""
@@ -105,9 +138,9 @@ class PPOLossOutput:
     loss: torch.Tensor  # differentiable
     clip_fraction: torch.Tensor  # share of kept tokens where the clipped branch was taken
     dual_clip_fraction: torch.Tensor  # share of kept tokens bounded by the dual clip
-    importance_weight_mean: torch.Tensor  # mean behaviour importance weight over kept tokens
+    importance_weight_mean: torch.Tensor  # mean importance weight (behaviour and/or TIS) over kept tokens
     importance_weight_max: torch.Tensor  # its max over kept tokens
-    masked_fraction: torch.Tensor  # share of trained tokens dropped by the weight cap
+    masked_fraction: torch.Tensor  # share of trained tokens dropped by a weight cap
 
 
 def ppo_clipped_loss(
@@ -122,6 +155,9 @@ def ppo_clipped_loss(
     num_loss_tokens: Optional[float] = None,
     proximal_logprobs: Optional[torch.Tensor] = None,
     behav_imp_weight_cap: Optional[float] = None,
+    sampler_logprobs: Optional[torch.Tensor] = None,
+    tis_cap: Optional[float] = None,
+    tis_mode: str = "truncate",
 ) -> PPOLossOutput:
     """PPO's clipped surrogate (Schulman et al., 2017, arXiv 1707.06347), negated so that
     it is minimised, averaged over tokens ("token-level" normalisation from DAPO, Yu et
@@ -141,6 +177,11 @@ def ppo_clipped_loss(
     exp(proximal_logprobs - old_logprobs); tokens whose weight exceeds
     `behav_imp_weight_cap` are masked out (and left out of the statistics but
     `masked_fraction`).
+
+    With `sampler_logprobs` and `tis_cap`, `old_logprobs` are the trainer's own and each
+    token is also weighted by `truncated_importance_weights(old_logprobs,
+    sampler_logprobs, cap=tis_cap, mode=tis_mode)` (tokens the mask mode drops are left
+    out as the cap's are).
 
     Args:
         logprobs: [B, L] float32, current policy, differentiable.
@@ -170,6 +211,9 @@ def ppo_clipped_loss(
         weight = torch.exp(proximal_logprobs.detach() - old_logprobs.detach())
         if behav_imp_weight_cap is not None:
             kept = mask * (weight <= behav_imp_weight_cap).float()
+    if sampler_logprobs is not None and tis_cap is not None:
+        tis_weight, tis_keep = truncated_importance_weights(old_logprobs, sampler_logprobs, cap=tis_cap, mode=tis_mode)
+        weight, kept = weight * tis_weight, kept * tis_keep
     loss = -masked_mean(surrogate * weight, kept, num_loss_tokens)
     with torch.no_grad():
         count = mask.sum().clamp(min=1)

@@ -38,6 +38,8 @@ BAD_VALUES = [
     ("actor.optimizer.beta2=1", "[0, 1)"),
     ("actor.optimizer.warmup_steps_proportion=2", "[0, 1]"),
     ("actor.behav_imp_weight_cap=0.5", "> 1"),
+    ("actor.tis_cap=0.5", ">= 1 (Yao et al. use 2)"),
+    ("actor.tis_mode=clip", "must be one of truncate, mask"),
     ("trainer.total_steps=0", ">= 1"),
     ("dataset.batch_size=0", ">= 1"),
     ("stats_logger.file_name=a/b.jsonl", "without '/'"),
@@ -63,6 +65,10 @@ def test_bad_value_refused_naming_key_and_value(override, fragment):
     [
         (["actor.max_tokens_per_mb=100"], "actor.max_tokens_per_mb=100 cannot hold one sequence of up to 528 tokens"),
         (["actor.use_decoupled_loss=true"], "set actor.recompute_logprob=true"),
+        (["actor.tis_cap=2"], "actor.tis_cap=2.0 weights tokens by the trainer's over the sampler's logprobs; "
+                               "set actor.recompute_logprob=true"),
+        (["actor.tis_cap=2", "actor.recompute_logprob=true", "actor.use_decoupled_loss=true"],
+         "actor.tis_cap=2.0 with actor.use_decoupled_loss=true would correct the sampler twice"),
         (["gconfig.n_samples=1"], "gconfig.n_samples=1 with actor.group_reward_norm=true"),
         (["gconfig.temperature=0"], "gconfig.temperature=0"),
         (["trainer.total_steps=null", "rollout.consumer_batch_size=3"], "rollout.consumer_batch_size=3 differs"),
@@ -80,6 +86,7 @@ def test_cross_field_rules(overrides, fragment):
 def test_cross_field_rules_allow_the_consistent_variants():
     assert load_config("smoke", ["actor.use_decoupled_loss=true", "actor.recompute_logprob=true"]).actor.use_decoupled_loss
     assert load_config("smoke", ["gconfig.n_samples=1", "actor.group_reward_norm=false"]).gconfig.n_samples == 1
+    assert load_config("smoke", ["actor.tis_cap=2", "actor.recompute_logprob=true", "actor.tis_mode=mask"]).actor.tis_cap == 2
     # A consumer batch that differs from the dataset batch is fine when the run length is in steps.
     assert load_config("smoke", ["rollout.consumer_batch_size=3"]).rollout.consumer_batch_size == 3
     assert load_config("smoke", ["trainer.total_steps=null", "rollout.consumer_batch_size=2"]).trainer.total_steps is None

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -165,3 +166,20 @@ def test_dr_grpo_constant_normalisation_divides_by_the_generation_budget(tiny_mo
     assert b.loss == pytest.approx(a.loss * tokens / (4 * 20), rel=1e-5)
     with pytest.raises(ValueError, match="needs max_new_tokens"):
         TrainEngine(cfg, copy.deepcopy(twin), total_steps=4, max_sequence_tokens=12, temperature=1.0)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_truncated_importance_sampling_weights_the_loss(tiny_model, mode):
+    """With `sampler_logp` in the batch and `actor.tis_cap`, each token's surrogate is
+    weighted by min(pi_train_old / pi_sampler, C) (or dropped above C, mode mask)."""
+    engine = make_engine(tiny_model, tis_cap=2.0, tis_mode=mode)
+    batch = synthetic_batch()
+    batch["logprobs"] = engine.compute_logp(batch)  # the trainer's own: every ratio starts at 1
+    # The sampler put log 4 less on row 0's tokens (rho = 4) and log 1.5 more on row 2's (rho = 2/3).
+    batch["sampler_logp"] = batch["logprobs"] - torch.tensor([math.log(4.0), 0.0, -math.log(1.5), 0.0])[:, None]
+    counts = batch["loss_mask"].sum(dim=1).tolist()  # 7, 4, 7, 7 tokens
+    weight0 = 2.0 if mode == "truncate" else 0.0
+    expected = -(weight0 * 1.0 * counts[0] - counts[1] + 0.5 / 1.5 * counts[2] - 0.5 * counts[3]) / sum(counts)
+    stats = engine.train_batch(batch)
+    assert stats.loss == pytest.approx(expected, abs=1e-5)
+    assert stats.masked_fraction == pytest.approx(counts[0] / sum(counts) if mode == "mask" else 0.0)

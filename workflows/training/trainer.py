@@ -153,6 +153,25 @@ def logprob_agreement(batch: dict[str, torch.Tensor], recomputed: torch.Tensor, 
     return {"logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else float("nan")}
 
 
+def recompute_logprobs(batch: dict[str, torch.Tensor], cfg: ExperimentConfig, engine, version: int) -> dict:
+    """With `actor.recompute_logprob`, the trainer's logprobs of the batch under the
+    current weights (`engine.compute_logp`), put where the loss reads them: `prox_logp`
+    for the decoupled loss, else `logprobs`, the PPO anchor, the sampler's then kept as
+    `sampler_logp` for truncated importance sampling (`actor.tis_cap`). Returns
+    `logprob_agreement`'s statistics ({} without recomputation)."""
+    if not cfg.actor.recompute_logprob:
+        return {}
+    recomputed = engine.compute_logp(batch)
+    extra = logprob_agreement(batch, recomputed, version)
+    if cfg.actor.use_decoupled_loss:
+        batch["prox_logp"] = recomputed
+        return extra
+    if cfg.actor.tis_cap is not None:
+        batch["sampler_logp"] = batch["logprobs"]
+    batch["logprobs"] = recomputed
+    return extra
+
+
 def evaluate_held_out(cfg: ExperimentConfig, run: Run, step: int, progress) -> dict:
     """Greedy pass@1 (and pass@k) on the held-out prompts with the weights of `step`,
     through the run's rollout controller; the report goes to `<run_dir>/eval/step_<step>.json`."""
@@ -312,15 +331,7 @@ def train_step(cfg: ExperimentConfig, step: int, run: Run, dist_ctx: Distributed
     batch["advantages"] = compute_advantages(batch, cfg)
     if cfg.actor.kl_ctl > 0:
         batch["ref_logp"] = engine.compute_logp(batch, model=engine.ref_model)
-    extra = {}
-    if cfg.actor.recompute_logprob:
-        prox_logp = engine.compute_logp(batch)
-        extra = logprob_agreement(batch, prox_logp, version)
-        if cfg.actor.use_decoupled_loss:
-            batch["prox_logp"] = prox_logp
-        else:
-            # Plain PPO, with the current weights as the trust-region anchor.
-            batch["logprobs"] = prox_logp
+    extra = recompute_logprobs(batch, cfg, engine, version)
     train_start = time.perf_counter()
     train = engine.train_batch(batch)
     train_seconds = time.perf_counter() - train_start
