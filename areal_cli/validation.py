@@ -61,12 +61,16 @@ def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
         errors.append(f"actor.tis_cap={actor.tis_cap} with actor.use_decoupled_loss=true would correct the sampler "
                       "twice (the decoupled loss's behaviour weight already does, capped by actor.behav_imp_weight_cap); "
                       "turn one of them off")
-    if actor.group_reward_norm and g.n_samples == 1:
+    group_baseline = actor.group_reward_norm or actor.adv_estimator == "rloo"
+    if actor.adv_estimator == "rloo" and g.n_samples == 1:
+        errors.append("gconfig.n_samples=1 leaves actor.adv_estimator=rloo no other sample for its leave-one-out "
+                      "baseline; set gconfig.n_samples >= 2")
+    elif actor.group_reward_norm and g.n_samples == 1:
         errors.append(
             "gconfig.n_samples=1 with actor.group_reward_norm=true gives every sample advantage 0 (a group of one); "
             "set gconfig.n_samples >= 2 or actor.group_reward_norm=false"
         )
-    if actor.group_reward_norm and g.temperature == 0 and g.n_samples > 1:
+    if group_baseline and g.temperature == 0 and g.n_samples > 1:
         errors.append(
             "gconfig.temperature=0 samples greedily, so every completion of a group is the same and its "
             "group-normalised advantage is 0; set gconfig.temperature > 0"

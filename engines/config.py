@@ -29,6 +29,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 MIXED_PRECISION = ("none", "bf16", "auto")
 LOSS_NORMALIZATIONS = ("token", "constant")
 TIS_MODES = ("truncate", "mask")
+ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus")
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def option(default: Any, help: str, *, choices: Optional[tuple[str, ...]] = None, null: Optional[str] = None) -> Any:
@@ -182,13 +184,30 @@ class ActorConfig:
         "log p - log p_ref is zero on average under the policy's own samples.",
         choices=KL_ESTIMATORS,
     )
+    adv_estimator: str = option(
+        "grpo",
+        "How a sequence's advantage comes from the rewards. grpo: minus the group mean, over the group std "
+        "(DeepSeekMath, arXiv 2402.03300; see group_reward_norm, group_adv_std_norm); rloo: minus the mean of the "
+        "other samples of its prompt (Ahmadian et al., 2024, arXiv 2402.14740); reinforce_plus_plus: minus the "
+        "group mean when group_reward_norm (else the raw reward), normalised by the global batch's mean and std "
+        "(Hu, 2025, arXiv 2501.03262).",
+        choices=ADV_ESTIMATORS,
+    )
+    importance_level: str = option(
+        "token",
+        "The PPO ratio. token: per token; sequence: GSPO (Zheng et al., 2025, arXiv 2507.18071), one ratio per "
+        "sequence, exp(mean over its tokens of log pi - log pi_old), clipped per sequence (the paper clips at "
+        "eps_clip 3e-4, eps_clip_higher 4e-4), with the token-mean loss.",
+        choices=IMPORTANCE_LEVELS,
+    )
     group_reward_norm: bool = option(
         True,
-        "GRPO: normalise rewards within each prompt's group; false uses the shifted, scaled reward itself as the "
-        "advantage (REINFORCE with baseline -reward_bias).",
+        "grpo and reinforce_plus_plus: subtract each prompt's group mean from its rewards; false uses the shifted, "
+        "scaled reward itself (grpo: as the advantage, REINFORCE with baseline -reward_bias). rloo always uses "
+        "its leave-one-out baseline.",
     )
     group_adv_std_norm: bool = option(
-        True, "Divide the group-normalised advantage by the group's std (Dr. GRPO sets false)."
+        True, "grpo: divide the group-normalised advantage by the group's std (Dr. GRPO sets false)."
     )
     loss_normalization: str = option(
         "token",

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from engines.config import KL_ESTIMATORS, TIS_MODES
+from engines.config import IMPORTANCE_LEVELS, KL_ESTIMATORS, TIS_MODES
 
 
 def group_normalized_advantages(
@@ -91,6 +91,21 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"actor.kl_estimator={estimator!r} is not supported; valid: {', '.join(KL_ESTIMATORS)}")
 
 
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence log-ratio (Zheng et al., 2025, arXiv 2507.18071, eq. 7):
+    log s_i = 1/|y_i| sum_t (log pi(y_it) - log pi_old(y_it)), the log of the geometric
+    mean of the sequence's token ratios, broadcast over its tokens.
+
+    Args:
+        log_ratio: [B, L] float32 token log-ratios (differentiable).
+        mask: [B, L] 0/1, the sequence's tokens.
+    Returns:
+        [B, L] float32, each row constant (0 for a row without tokens).
+    """
+    mask = mask.float()
+    return ((log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
     """Sum of `values` where `mask` is 1, divided by `denominator` (default: mask count)."""
     total = (values * mask).sum()
@@ -158,6 +173,7 @@ def ppo_clipped_loss(
     sampler_logprobs: Optional[torch.Tensor] = None,
     tis_cap: Optional[float] = None,
     tis_mode: str = "truncate",
+    importance_level: str = "token",
 ) -> PPOLossOutput:
     """PPO's clipped surrogate (Schulman et al., 2017, arXiv 1707.06347), negated so that
     it is minimised, averaged over tokens ("token-level" normalisation from DAPO, Yu et
@@ -183,6 +199,11 @@ def ppo_clipped_loss(
     sampler_logprobs, cap=tis_cap, mode=tis_mode)` (tokens the mask mode drops are left
     out as the cap's are).
 
+    `importance_level="sequence"` is GSPO (Zheng et al., 2025, arXiv 2507.18071): every
+    token of a sequence takes the sequence's ratio (`sequence_log_ratio`), so the clip
+    keeps or drops whole sequences; the loss stays a token mean, whose gradient per token
+    is then s_i * A_i * grad log pi(y_it) / N, GSPO-token's.
+
     Args:
         logprobs: [B, L] float32, current policy, differentiable.
         old_logprobs: [B, L] float32, the behaviour policy that generated the tokens.
@@ -190,10 +211,18 @@ def ppo_clipped_loss(
         loss_mask: [B, L] 0/1.
         num_loss_tokens: divide by this instead of `loss_mask.sum()`, so micro-batches of
             one batch add up to the batch's token mean.
+    Raises:
+        ValueError: unknown `importance_level` or `tis_mode`.
     """
     mask = loss_mask.float()
     anchor = old_logprobs if proximal_logprobs is None else proximal_logprobs
-    ratio = torch.exp(logprobs - anchor.detach())
+    log_ratio = logprobs - anchor.detach()
+    if importance_level == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask)
+    elif importance_level != "token":
+        raise ValueError(f"actor.importance_level={importance_level!r} is not supported; "
+                         f"valid: {', '.join(IMPORTANCE_LEVELS)}")
+    ratio = torch.exp(log_ratio)
     high = eps_clip if eps_clip_higher is None else eps_clip_higher
     unclipped = ratio * advantages
     clipped_branch = ratio.clamp(1.0 - eps_clip, 1.0 + high) * advantages

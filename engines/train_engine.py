@@ -254,6 +254,7 @@ class TrainEngine:
             sampler_logprobs=mb.get("sampler_logp"),
             tis_cap=cfg.tis_cap,
             tis_mode=cfg.tis_mode,
+            importance_level=cfg.importance_level,
         )
         loss, kl_value = out.loss, torch.zeros((), device=self.device)
         if cfg.kl_ctl > 0:

@@ -159,3 +159,32 @@ def test_truncated_importance_sampling_by_hand():
     # Without a cap the sampler's logprobs change nothing.
     plain = ppo_clipped_loss(train, train, adv, mask, eps_clip=0.2, sampler_logprobs=sampler)
     assert plain.loss.item() == pytest.approx(-(1.0 - 2.0 + 1.0) / 3)
+
+
+def test_gspo_sequence_ratio_by_hand():
+    """GSPO (Zheng et al. 2025): s_i = exp(mean_t (logp - old_logp)), clipped per
+    sequence; token-mean loss, so each token's gradient is -s_i A_i / N."""
+    from engines.ppo import sequence_log_ratio
+
+    old = torch.zeros(2, 3)
+    # Row 0: token log-ratios 0.1, -0.1 -> s = 1 (inside the band); row 1: 0.6, 0.2 ->
+    # s = e^0.4 ~ 1.49, clipped at 1.2 (advantage +1). The third column is padding.
+    new = torch.tensor([[0.1, -0.1, 0.0], [0.6, 0.2, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    adv = torch.ones(2, 3)
+    torch.testing.assert_close(sequence_log_ratio(new.detach(), mask), torch.tensor([[0.0] * 3, [0.4] * 3]))
+    out = ppo_clipped_loss(new, old, adv, mask, eps_clip=0.2, importance_level="sequence")
+    assert out.loss.item() == pytest.approx(-(1.0 + 1.0 + 1.2 + 1.2) / 4)
+    assert out.clip_fraction.item() == pytest.approx(2 / 4)  # both tokens of the clipped sequence
+    out.loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[-0.25, -0.25, 0.0], [0.0, 0.0, 0.0]]))
+    # Per token, the same row 0 would clip nothing and weigh its tokens by their own ratios.
+    token = new.detach().clone().requires_grad_(True)
+    ppo_clipped_loss(token, old, adv, mask, eps_clip=0.2).loss.backward()
+    torch.testing.assert_close(token.grad[0, :2], -torch.tensor([math.exp(0.1), math.exp(-0.1)]) / 4)
+    # A negative advantage with a sequence ratio below 1 - eps: clipped at 0.8 for the whole sequence.
+    low = ppo_clipped_loss(torch.tensor([[-0.5, -0.1]]), torch.zeros(1, 2), -torch.ones(1, 2), torch.ones(1, 2),
+                           eps_clip=0.2, importance_level="sequence")
+    assert low.loss.item() == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="token, sequence"):
+        ppo_clipped_loss(new, old, adv, mask, eps_clip=0.2, importance_level="segment")

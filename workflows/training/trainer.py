@@ -9,7 +9,8 @@ The run's parts (model, data, sampler, trainer, reward, rollout controller) are 
      process, or rollout worker processes with `deployment_mode=disaggregated`; either
      keeps generating in the background within the staleness bound
      `rollout.max_head_offpolicyness` (0: synchronous RL);
-  2. turns rewards into group-normalised advantages (GRPO);
+  2. turns rewards into advantages (`actor.adv_estimator`: GRPO's group-normalised
+     ones, RLOO or REINFORCE++);
   3. optionally recomputes proximal logprobs (decoupled PPO, AReaL);
   4. updates the policy with the clipped PPO objective (engines/train_engine.py), then
      acknowledges the batch's samples in the metadata store (durable deployment modes,
@@ -55,8 +56,9 @@ import torch.distributed as dist
 import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from engines.advantages import sequence_advantages
 from engines.distributed import DistributedContext, init_distributed, shutdown_distributed
-from engines.ppo import group_normalized_advantages, overlong_penalty
+from engines.ppo import overlong_penalty
 from workflows.config import ExperimentConfig
 from workflows.control_plane.rollouts import WorkerLauncher
 from workflows.controller.failures import RolloutFailureError
@@ -71,22 +73,29 @@ from workflows.training.shutdown import RunInterrupted, deferred_stop, stop_on_s
 logger = logging.getLogger(__name__)
 
 
-def compute_advantages(batch: dict[str, torch.Tensor], cfg: ExperimentConfig) -> torch.Tensor:
+def compute_advantages(
+    batch: dict[str, torch.Tensor], cfg: ExperimentConfig, dist_ctx: Optional[DistributedContext] = None
+) -> torch.Tensor:
     """[B, L] float32 advantages: rewards plus DAPO's overlong penalty (when
     `actor.overlong_buffer_tokens` > 0), shifted by `reward_bias` and scaled by
-    `reward_scaling`, then group-normalised per prompt (GRPO) unless
-    `actor.group_reward_norm=false`, broadcast over each sequence's completion tokens."""
+    `reward_scaling`, turned into one advantage per sequence by `actor.adv_estimator`
+    (engines/advantages.py, `sequence_advantages`), broadcast over each sequence's
+    completion tokens. reinforce_plus_plus normalises over the global batch: with
+    several replicas (`dist_ctx`) every rank's rewards are gathered for its statistics."""
     actor = cfg.actor
     rewards = batch["rewards"].float()
     if actor.overlong_buffer_tokens > 0:
         rewards = rewards + overlong_penalty(batch["loss_mask"].sum(dim=1), max_new_tokens=cfg.gconfig.max_new_tokens,
                                              buffer_tokens=actor.overlong_buffer_tokens, factor=actor.overlong_penalty)
     rewards = (rewards + actor.reward_bias) * actor.reward_scaling
-    if actor.group_reward_norm:
-        adv = group_normalized_advantages(rewards, group_size=cfg.gconfig.n_samples, std_norm=actor.group_adv_std_norm)
-    else:
-        # REINFORCE with the constant baseline `reward_bias`.
-        adv = rewards
+    batch_rewards = None
+    if actor.adv_estimator == "reinforce_plus_plus" and dist_ctx is not None and dist_ctx.world_size > 1:
+        gathered: list = [None] * dist_ctx.world_size
+        dist.all_gather_object(gathered, rewards.tolist())
+        batch_rewards = torch.tensor([r for part in gathered for r in part], dtype=torch.float32)
+    adv = sequence_advantages(rewards, estimator=actor.adv_estimator, group_size=cfg.gconfig.n_samples,
+                              group_reward_norm=actor.group_reward_norm, std_norm=actor.group_adv_std_norm,
+                              batch_rewards=batch_rewards)
     return adv[:, None] * batch["loss_mask"].float()
 
 
@@ -328,7 +337,7 @@ def train_step(cfg: ExperimentConfig, step: int, run: Run, dist_ctx: Distributed
     gen_tokens = info["gen_tokens"]
     version = engine.get_version()
     staleness = staleness_stats(batch["versions"], batch["loss_mask"], version)
-    batch["advantages"] = compute_advantages(batch, cfg)
+    batch["advantages"] = compute_advantages(batch, cfg, dist_ctx)
     if cfg.actor.kl_ctl > 0:
         batch["ref_logp"] = engine.compute_logp(batch, model=engine.ref_model)
     extra = recompute_logprobs(batch, cfg, engine, version)
