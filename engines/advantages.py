@@ -104,7 +104,8 @@ def sequence_advantages(
     baseline when `group_reward_norm`, normalised over `batch_rewards`).
 
     Raises:
-        ValueError: unknown estimator, or what the estimator raises.
+        ValueError: unknown estimator, gae (per token: `gae_advantages`), or what the
+            estimator raises.
     """
     if estimator == "grpo":
         if not group_reward_norm:
@@ -116,4 +117,44 @@ def sequence_advantages(
         return reinforce_plus_plus_advantages(
             rewards, group_size=group_size, group_baseline=group_reward_norm, batch_rewards=batch_rewards
         )
+    if estimator == "gae":
+        raise ValueError("actor.adv_estimator=gae gives advantages per token, from a critic's values: use gae_advantages")
     raise ValueError(f"actor.adv_estimator={estimator!r} is not supported; valid: {', '.join(ADV_ESTIMATORS)}")
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, loss_mask: torch.Tensor, *, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016, arXiv 1506.02438, eq. 16)
+    per token, with the sequence's reward at its last completion token:
+
+        delta_t = r_t + gamma V(s_{t+1}) - V(s_t)     (V after the last token: 0)
+        A_t = sum_l (gamma lambda)^l delta_{t+l},      R_t = A_t + V(s_t)
+
+    where r_t is the reward on the last trained token of a row and 0 before it.
+
+    Args:
+        rewards: [B] float, one (shaped) reward per sequence.
+        values: [B, L] float32, V(s_t) aligned with the tokens (engines/critic.py).
+        loss_mask: [B, L] 0/1, each row's completion as one contiguous run.
+        gamma, lam: the discount and GAE's lambda, in [0, 1].
+    Returns:
+        (advantages [B, L] float32, returns [B, L] float32), 0 outside `loss_mask`.
+    """
+    mask = loss_mask.float()
+    values = values.float() * mask
+    B, L = mask.shape
+    # The last trained position of each row holds its reward.
+    last = (mask * torch.arange(1, L + 1, dtype=torch.float32)).argmax(dim=1)
+    token_rewards = torch.zeros(B, L).scatter(1, last[:, None], rewards.float()[:, None]) * mask
+    advantages = torch.zeros(B, L)
+    running = torch.zeros(B)
+    next_value = torch.zeros(B)
+    for t in reversed(range(L)):
+        # Outside the completion both carries are 0, so the run after a completion (padding)
+        # contributes nothing and the prompt before it is masked out.
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = mask[:, t] * (delta + gamma * lam * running)
+        next_value = values[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask

@@ -29,7 +29,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 MIXED_PRECISION = ("none", "bf16", "auto")
 LOSS_NORMALIZATIONS = ("token", "constant")
 TIS_MODES = ("truncate", "mask")
-ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus")
+ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "gae")
 IMPORTANCE_LEVELS = ("token", "sequence")
 
 
@@ -190,8 +190,13 @@ class ActorConfig:
         "(DeepSeekMath, arXiv 2402.03300; see group_reward_norm, group_adv_std_norm); rloo: minus the mean of the "
         "other samples of its prompt (Ahmadian et al., 2024, arXiv 2402.14740); reinforce_plus_plus: minus the "
         "group mean when group_reward_norm (else the raw reward), normalised by the global batch's mean and std "
-        "(Hu, 2025, arXiv 2501.03262).",
+        "(Hu, 2025, arXiv 2501.03262); gae: PPO with a critic (the `critic` section), generalised advantage "
+        "estimation per token (Schulman et al., 2016, arXiv 1506.02438) with gae_gamma and gae_lambda.",
         choices=ADV_ESTIMATORS,
+    )
+    gae_gamma: float = option(1.0, "adv_estimator=gae: the discount per token (1: none, as usual for LLMs).")
+    gae_lambda: float = option(
+        0.95, "adv_estimator=gae: GAE's lambda, between the critic's one-step estimate (0) and the Monte Carlo return (1)."
     )
     importance_level: str = option(
         "token",
@@ -249,4 +254,17 @@ class ActorConfig:
         "How tis_cap bounds rho. truncate: weight min(rho, tis_cap); mask: weight rho, and tokens with "
         "rho > tis_cap are dropped from the loss (counted in masked_fraction).",
         choices=TIS_MODES,
+    )
+
+
+@dataclass
+class CriticConfig:
+    """The value model of PPO with a critic (`actor.adv_estimator=gae`): a value head on a
+    copy of the initial policy, trained on the GAE returns with its own optimizer."""
+
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+    value_eps_clip: Optional[float] = option(
+        0.2,
+        "PPO's value clip: the new value may move at most this far from the one the advantages were computed "
+        "with, and the loss is the larger of the clipped and unclipped squared errors; null: no clip.",
     )

@@ -79,3 +79,16 @@ def test_gspo_with_truncated_importance_sampling_trains(tmp_path, gsm8k_dir):
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss"] != 0 and 0 < r["importance_weight_mean"] <= r["importance_weight_max"] <= 2.0 for r in records)
     assert all(r["logprob_abs_diff_mean"] < 1e-3 for r in records)
+
+
+def test_ppo_with_a_critic_trains_and_resumes(tmp_path, gsm8k_dir):
+    """actor.adv_estimator=gae: the critic's statistics are in every record, its state is
+    in the recover checkpoint, and a longer run continues from it."""
+    common = ["actor.adv_estimator=gae", "actor.reward_bias=-0.5", "gconfig.n_samples=1", "dataset.batch_size=2"]
+    train(tmp_path, gsm8k_dir, *common, "trainer.total_steps=2", "trainer.recover_freq_steps=1")
+    assert (tmp_path / "checkpoints" / "recover" / "critic" / "value_model.safetensors").is_file()
+    result = train(tmp_path, gsm8k_dir, *common, "trainer.total_steps=3")
+    assert "resuming from step 2" in result.stdout + result.stderr
+    records = read_stats(tmp_path / "stats.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["value_loss"] > 0 and r["loss"] != 0 and "explained_variance" in r for r in records)

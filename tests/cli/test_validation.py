@@ -42,6 +42,9 @@ BAD_VALUES = [
     ("actor.tis_mode=clip", "must be one of truncate, mask"),
     ("actor.adv_estimator=ppo", "must be one of grpo, rloo, reinforce_plus_plus"),
     ("actor.importance_level=segment", "must be one of token, sequence"),
+    ("actor.gae_lambda=1.5", "must be in [0, 1]"),
+    ("critic.optimizer.lr=0", "must be > 0"),
+    ("critic.value_eps_clip=0", "must be > 0, or null"),
     ("trainer.total_steps=0", ">= 1"),
     ("dataset.batch_size=0", ">= 1"),
     ("stats_logger.file_name=a/b.jsonl", "without '/'"),
@@ -92,12 +95,19 @@ def test_cross_field_rules_allow_the_consistent_variants():
     assert load_config("smoke", ["actor.use_decoupled_loss=true", "actor.recompute_logprob=true"]).actor.use_decoupled_loss
     assert load_config("smoke", ["gconfig.n_samples=1", "actor.group_reward_norm=false"]).gconfig.n_samples == 1
     assert load_config("smoke", ["actor.tis_cap=2", "actor.recompute_logprob=true", "actor.tis_mode=mask"]).actor.tis_cap == 2
+    # PPO with a critic needs no group.
+    assert load_config("smoke", ["gconfig.n_samples=1", "actor.adv_estimator=gae"]).actor.adv_estimator == "gae"
     # REINFORCE++ without a group baseline normalises over the batch, so a group of one is fine.
     assert load_config("smoke", ["gconfig.n_samples=1", "actor.group_reward_norm=false",
                                  "actor.adv_estimator=reinforce_plus_plus"]).gconfig.n_samples == 1
     # A consumer batch that differs from the dataset batch is fine when the run length is in steps.
     assert load_config("smoke", ["rollout.consumer_batch_size=3"]).rollout.consumer_batch_size == 3
     assert load_config("smoke", ["trainer.total_steps=null", "rollout.consumer_batch_size=2"]).trainer.total_steps is None
+
+
+def test_critic_trains_in_one_process():
+    with pytest.raises(ConfigError, match="actor.adv_estimator=gae trains its critic in one process, not over 2"):
+        load_config("smoke", ["actor.adv_estimator=gae"], world_size=2)
 
 
 def test_batch_must_split_over_replicas():

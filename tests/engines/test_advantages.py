@@ -92,3 +92,46 @@ def test_trainer_advantages_follow_the_estimator(estimator):
     expected = sequence_advantages(batch["rewards"], estimator=estimator, group_size=2)
     torch.testing.assert_close(adv, expected[:, None] * batch["loss_mask"].float())
     assert torch.all(adv[2:] == 0)  # the uniform group: skipped by the training engine
+
+
+def test_gae_by_hand():
+    """Schulman et al. 2016, eq. 16: delta_t = r_t + gamma V_{t+1} - V_t, A_t = sum_l
+    (gamma lambda)^l delta_{t+l}, the reward on the last completion token, V = 0 after it."""
+    from engines.advantages import gae_advantages
+
+    # One row: 2 prompt tokens, 3 completion tokens, 1 padding position.
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0]])
+    values = torch.tensor([[9.0, 9.0, 0.5, 0.6, 0.7, 9.0]])  # off the completion: ignored
+    adv, returns = gae_advantages(torch.tensor([1.0]), values, mask, gamma=0.9, lam=0.8)
+    d4 = 1.0 - 0.7
+    d3 = 0.9 * 0.7 - 0.6
+    d2 = 0.9 * 0.6 - 0.5
+    a4 = d4
+    a3 = d3 + 0.72 * a4
+    a2 = d2 + 0.72 * a3
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0, a2, a3, a4, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.0, 0.0, a2 + 0.5, a3 + 0.6, a4 + 0.7, 0.0]]))
+    # lambda = 1, gamma = 1: the Monte Carlo return minus the value; lambda = 0: the TD error.
+    adv, returns = gae_advantages(torch.tensor([1.0]), values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0, 0.5, 0.4, 0.3, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 0.0]]))
+    adv, _ = gae_advantages(torch.tensor([1.0]), values, mask, gamma=0.9, lam=0.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0, d2, d3, d4, 0.0]]))
+
+
+def test_gae_rows_of_different_lengths_and_the_trainer():
+    from engines.advantages import gae_advantages
+    from workflows.config import ExperimentConfig
+    from workflows.training.trainer import compute_advantages
+
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 0, 0]])
+    values = torch.zeros(2, 4)
+    adv, _ = gae_advantages(torch.tensor([2.0, -1.0]), values, mask, gamma=0.5, lam=1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.5, 1.0, 2.0], [0.0, -1.0, 0.0, 0.0]]))
+    cfg = ExperimentConfig()
+    cfg.actor.adv_estimator, cfg.actor.gae_gamma, cfg.actor.gae_lambda = "gae", 0.5, 1.0
+    cfg.actor.reward_bias = 1.0  # shaped like every estimator's rewards
+    batch = {"rewards": torch.tensor([1.0, -2.0]), "loss_mask": mask, "values": values}
+    torch.testing.assert_close(compute_advantages(batch, cfg), adv)
+    with pytest.raises(ValueError, match="per token"):
+        sequence_advantages(torch.ones(2), estimator="gae", group_size=2)

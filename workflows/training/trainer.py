@@ -10,7 +10,7 @@ The run's parts (model, data, sampler, trainer, reward, rollout controller) are 
      keeps generating in the background within the staleness bound
      `rollout.max_head_offpolicyness` (0: synchronous RL);
   2. turns rewards into advantages (`actor.adv_estimator`: GRPO's group-normalised
-     ones, RLOO or REINFORCE++);
+     ones, RLOO, REINFORCE++, or GAE from a critic, which is trained after the policy);
   3. optionally recomputes proximal logprobs (decoupled PPO, AReaL);
   4. updates the policy with the clipped PPO objective (engines/train_engine.py), then
      acknowledges the batch's samples in the metadata store (durable deployment modes,
@@ -56,7 +56,7 @@ import torch.distributed as dist
 import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from engines.advantages import sequence_advantages
+from engines.advantages import gae_advantages, sequence_advantages
 from engines.distributed import DistributedContext, init_distributed, shutdown_distributed
 from engines.ppo import overlong_penalty
 from workflows.config import ExperimentConfig
@@ -81,13 +81,16 @@ def compute_advantages(
     `reward_scaling`, turned into one advantage per sequence by `actor.adv_estimator`
     (engines/advantages.py, `sequence_advantages`), broadcast over each sequence's
     completion tokens. reinforce_plus_plus normalises over the global batch: with
-    several replicas (`dist_ctx`) every rank's rewards are gathered for its statistics."""
+    several replicas (`dist_ctx`) every rank's rewards are gathered for its statistics.
+    gae gives one advantage per token from the critic's `batch["values"]` ([B, L])."""
     actor = cfg.actor
     rewards = batch["rewards"].float()
     if actor.overlong_buffer_tokens > 0:
         rewards = rewards + overlong_penalty(batch["loss_mask"].sum(dim=1), max_new_tokens=cfg.gconfig.max_new_tokens,
                                              buffer_tokens=actor.overlong_buffer_tokens, factor=actor.overlong_penalty)
     rewards = (rewards + actor.reward_bias) * actor.reward_scaling
+    if actor.adv_estimator == "gae":
+        return gae_advantages(rewards, batch["values"], batch["loss_mask"], gamma=actor.gae_gamma, lam=actor.gae_lambda)[0]
     batch_rewards = None
     if actor.adv_estimator == "reinforce_plus_plus" and dist_ctx is not None and dist_ctx.world_size > 1:
         gathered: list = [None] * dist_ctx.world_size
@@ -317,7 +320,7 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
                         reward_failures=record["reward_failures"],
                         store_acked=run.control.cursor(),
                     )
-                    save_recover_checkpoint(run.checkpoints, engine, info)
+                    save_recover_checkpoint(run.checkpoints, engine, info, critic=run.critic)
             progress.advance(task)
     if position.step >= total_steps:
         stats_logger.info(f"the recover checkpoint is at step {position.step} >= trainer.total_steps={total_steps}; nothing to train")
@@ -337,12 +340,18 @@ def train_step(cfg: ExperimentConfig, step: int, run: Run, dist_ctx: Distributed
     gen_tokens = info["gen_tokens"]
     version = engine.get_version()
     staleness = staleness_stats(batch["versions"], batch["loss_mask"], version)
+    if run.critic is not None:
+        batch["values"] = run.critic.compute_values(batch)
     batch["advantages"] = compute_advantages(batch, cfg, dist_ctx)
+    if run.critic is not None:
+        batch["returns"] = (batch["advantages"] + batch["values"]) * batch["loss_mask"]
     if cfg.actor.kl_ctl > 0:
         batch["ref_logp"] = engine.compute_logp(batch, model=engine.ref_model)
     extra = recompute_logprobs(batch, cfg, engine, version)
     train_start = time.perf_counter()
     train = engine.train_batch(batch)
+    if run.critic is not None:
+        extra.update(asdict(run.critic.train_batch(batch)))
     train_seconds = time.perf_counter() - train_start
     # The optimizer boundary: the durable modes acknowledge the batch's samples here.
     run.control.acknowledge(step)
