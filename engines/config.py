@@ -28,6 +28,9 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 MIXED_PRECISION = ("none", "bf16", "auto")
 LOSS_NORMALIZATIONS = ("token", "constant")
+TIS_MODES = ("truncate", "mask")
+ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "gae")
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def option(default: Any, help: str, *, choices: Optional[tuple[str, ...]] = None, null: Optional[str] = None) -> Any:
@@ -181,13 +184,35 @@ class ActorConfig:
         "log p - log p_ref is zero on average under the policy's own samples.",
         choices=KL_ESTIMATORS,
     )
+    adv_estimator: str = option(
+        "grpo",
+        "How a sequence's advantage comes from the rewards. grpo: minus the group mean, over the group std "
+        "(DeepSeekMath, arXiv 2402.03300; see group_reward_norm, group_adv_std_norm); rloo: minus the mean of the "
+        "other samples of its prompt (Ahmadian et al., 2024, arXiv 2402.14740); reinforce_plus_plus: minus the "
+        "group mean when group_reward_norm (else the raw reward), normalised by the global batch's mean and std "
+        "(Hu, 2025, arXiv 2501.03262); gae: PPO with a critic (the `critic` section), generalised advantage "
+        "estimation per token (Schulman et al., 2016, arXiv 1506.02438) with gae_gamma and gae_lambda.",
+        choices=ADV_ESTIMATORS,
+    )
+    gae_gamma: float = option(1.0, "adv_estimator=gae: the discount per token (1: none, as usual for LLMs).")
+    gae_lambda: float = option(
+        0.95, "adv_estimator=gae: GAE's lambda, between the critic's one-step estimate (0) and the Monte Carlo return (1)."
+    )
+    importance_level: str = option(
+        "token",
+        "The PPO ratio. token: per token; sequence: GSPO (Zheng et al., 2025, arXiv 2507.18071), one ratio per "
+        "sequence, exp(mean over its tokens of log pi - log pi_old), clipped per sequence (the paper clips at "
+        "eps_clip 3e-4, eps_clip_higher 4e-4), with the token-mean loss.",
+        choices=IMPORTANCE_LEVELS,
+    )
     group_reward_norm: bool = option(
         True,
-        "GRPO: normalise rewards within each prompt's group; false uses the shifted, scaled reward itself as the "
-        "advantage (REINFORCE with baseline -reward_bias).",
+        "grpo and reinforce_plus_plus: subtract each prompt's group mean from its rewards; false uses the shifted, "
+        "scaled reward itself (grpo: as the advantage, REINFORCE with baseline -reward_bias). rloo always uses "
+        "its leave-one-out baseline.",
     )
     group_adv_std_norm: bool = option(
-        True, "Divide the group-normalised advantage by the group's std (Dr. GRPO sets false)."
+        True, "grpo: divide the group-normalised advantage by the group's std (Dr. GRPO sets false)."
     )
     loss_normalization: str = option(
         "token",
@@ -216,4 +241,30 @@ class ActorConfig:
     behav_imp_weight_cap: Optional[float] = option(
         None,
         "Tokens whose behaviour importance weight exceeds this are masked out of the decoupled loss; null: no cap.",
+    )
+    tis_cap: Optional[float] = option(
+        None,
+        "Truncated importance sampling against the sampler-trainer mismatch (Yao et al., 2025, 'Your efficient RL "
+        "framework secretly brings you off-policy RL training'; C = 2 there): each token's loss is weighted by "
+        "rho = pi_trainer_old / pi_sampler, truncated at this cap (see tis_mode). Needs recompute_logprob (the "
+        "trainer's own logprobs) and not use_decoupled_loss (whose behaviour weight already corrects it); null: off.",
+    )
+    tis_mode: str = option(
+        "truncate",
+        "How tis_cap bounds rho. truncate: weight min(rho, tis_cap); mask: weight rho, and tokens with "
+        "rho > tis_cap are dropped from the loss (counted in masked_fraction).",
+        choices=TIS_MODES,
+    )
+
+
+@dataclass
+class CriticConfig:
+    """The value model of PPO with a critic (`actor.adv_estimator=gae`): a value head on a
+    copy of the initial policy, trained on the GAE returns with its own optimizer."""
+
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+    value_eps_clip: Optional[float] = option(
+        0.2,
+        "PPO's value clip: the new value may move at most this far from the one the advantages were computed "
+        "with, and the loss is the larger of the clipped and unclipped squared errors; null: no clip.",
     )

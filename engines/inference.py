@@ -16,10 +16,11 @@ import asyncio
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Protocol, runtime_checkable
 
 import torch
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessorList, PreTrainedModel, StaticCache, StoppingCriteria, StoppingCriteriaList
 
 from engines.config import GenerationConfig
@@ -46,6 +47,47 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class ExplicitGenerationConfig(HFGenerationConfig):
+    """A transformers generation config that `model.generate` cannot complete from the
+    model's own `generation_config`.
+
+    `generate` fills every field a passed config leaves None from `model.generation_config`
+    (`update(defaults_only=True)`), so a checkpoint's `repetition_penalty`,
+    `no_repeat_ngram_size`, `min_new_tokens`, `suppress_tokens`, ... would shape the
+    sampled distribution and the recorded logprobs, which the trainer never applies.
+    Those fill-ins are refused here; `sampling_config` sets every field sampling needs.
+    """
+
+    def update(self, defaults_only: bool = False, allow_custom_entries: bool = False, **kwargs):
+        if defaults_only:
+            return kwargs
+        return super().update(defaults_only=defaults_only, allow_custom_entries=allow_custom_entries, **kwargs)
+
+
+def sampling_config(request: "GenerationRequest", stop_ids: list[int], pad_token_id: int) -> ExplicitGenerationConfig:
+    """The complete generation config of `request`: its temperature, top-k, top-p and
+    budget, and the neutral value of every other processor (transformers' global
+    defaults), whatever the model's `generation_config.json` says, as the vLLM and SGLang
+    paths do (engines/servers.py, engines/remote_sglang.py)."""
+    sample = request.temperature > 0
+    return ExplicitGenerationConfig(
+        do_sample=sample,
+        # Greedy decoding takes no warpers; set, transformers warns that they are ignored.
+        temperature=request.temperature if sample else 1.0,
+        top_p=request.top_p if sample else 1.0,
+        top_k=request.top_k if sample else None,
+        max_new_tokens=request.max_new_tokens,
+        min_length=0, min_new_tokens=0, num_beams=1, num_beam_groups=1, num_return_sequences=1, early_stopping=False,
+        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        length_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, diversity_penalty=0.0,
+        remove_invalid_values=False, renormalize_logits=False, output_scores=False, return_dict_in_generate=False,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_token_id,
+        use_cache=True,  # also when training turned it off for gradient checkpointing
+        disable_compile=True,  # compiling for one batch shape costs more than it saves
+    )
+
+
 @dataclass
 class GenerationRequest:
     """One completion to sample. Token ids only: engines never see text."""
@@ -56,9 +98,10 @@ class GenerationRequest:
     top_p: float = 1.0
     top_k: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
-    # With a seed, requests sharing it are sampled as one batch from an RNG seeded with
-    # it, so the samples do not depend on what else is being generated (deterministic
-    # mode; data-parallel ranks then reproduce a single-process run).
+    # With a seed, requests sharing it are sampled together, in batches of up to
+    # `max_batch_size`, from an RNG seeded with it (batch k > 0 with hash((seed, k))),
+    # so the samples do not depend on what else is being generated (deterministic mode;
+    # data-parallel ranks then reproduce a single-process run).
     seed: Optional[int] = None
 
     @classmethod
@@ -144,6 +187,7 @@ class LocalInferenceEngine:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="areal-generate")
         self._pending: list[tuple[GenerationRequest, asyncio.Future]] = []
         self._flush_scheduled = False
+        self._seed_parts: dict[tuple, int] = {}  # sampling key -> batches of that seeded group issued so far
         self._running = threading.Event()
         self._running.set()
         self._destroyed = threading.Event()
@@ -213,8 +257,9 @@ class LocalInferenceEngine:
             batch = [item for item in self._pending if item[0].sampling_key() == key][: self.max_batch_size]
             for item in batch:
                 self._pending.remove(item)
+            requests = self._seed_sub_batch(key, [r for r, _ in batch])
             try:
-                responses = await loop.run_in_executor(self._worker, self.generate, [r for r, _ in batch])
+                responses = await loop.run_in_executor(self._worker, self.generate, requests)
             except Exception as exc:  # every waiter learns of the failure; the engine lives on
                 for _, fut in batch:
                     if not fut.done():
@@ -223,6 +268,21 @@ class LocalInferenceEngine:
             for (_, fut), response in zip(batch, responses):
                 if not fut.done():
                     fut.set_result(response)
+
+    def _seed_sub_batch(self, key: tuple, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """`requests` (one batch of a seeded group) with the seed of their batch: a group
+        larger than `max_batch_size` is decoded in several batches, and re-seeding each
+        with the group's seed would repeat the first batch's samples. Batch k > 0 of a
+        group gets seed hash((seed, k)); the first keeps the group's seed."""
+        seed = requests[0].seed
+        if seed is None:
+            return requests
+        part = self._seed_parts.get(key, 0)
+        if any(item[0].sampling_key() == key for item in self._pending):
+            self._seed_parts[key] = part + 1
+        else:  # the group's last batch: forget it, so the table does not grow with the run
+            self._seed_parts.pop(key, None)
+        return requests if part == 0 else [replace(r, seed=hash((seed, part)) % (2**31)) for r in requests]
 
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:
@@ -283,15 +343,7 @@ class LocalInferenceEngine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             cache=self._prompt_cache(input_ids, attention_mask, first.max_new_tokens),
-            do_sample=first.temperature > 0,
-            temperature=first.temperature if first.temperature > 0 else None,
-            top_p=first.top_p,
-            top_k=first.top_k,
-            max_new_tokens=first.max_new_tokens,
-            eos_token_id=stop_ids,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,  # also when training turned it off for gradient checkpointing
-            disable_compile=True,  # compiling for one batch shape costs more than it saves
+            generation_config=sampling_config(first, stop_ids, self.pad_token_id),
             logits_processor=LogitsProcessorList([recorder]),
             stopping_criteria=StoppingCriteriaList([_StopWhenSet(self._destroyed)]),
         )

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from engines.config import KL_ESTIMATORS
+from engines.config import IMPORTANCE_LEVELS, KL_ESTIMATORS, TIS_MODES
 
 
 def group_normalized_advantages(
@@ -91,11 +91,59 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"actor.kl_estimator={estimator!r} is not supported; valid: {', '.join(KL_ESTIMATORS)}")
 
 
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence log-ratio (Zheng et al., 2025, arXiv 2507.18071, eq. 7):
+    log s_i = 1/|y_i| sum_t (log pi(y_it) - log pi_old(y_it)), the log of the geometric
+    mean of the sequence's token ratios, broadcast over its tokens.
+
+    Args:
+        log_ratio: [B, L] float32 token log-ratios (differentiable).
+        mask: [B, L] 0/1, the sequence's tokens.
+    Returns:
+        [B, L] float32, each row constant (0 for a row without tokens).
+    """
+    mask = mask.float()
+    return ((log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
     """Sum of `values` where `mask` is 1, divided by `denominator` (default: mask count)."""
     total = (values * mask).sum()
     count = mask.sum() if denominator is None else torch.tensor(denominator, dtype=values.dtype)
     return total / count.clamp(min=1)
+
+
+def truncated_importance_weights(
+    train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, *, cap: float, mode: str = "truncate"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token correction of the sampler-trainer mismatch: truncated importance sampling
+    (Yao et al., 2025, "Your efficient RL framework secretly brings you off-policy RL
+    training"). The sampler (its kernels, precision, batching) does not compute exactly
+    the trainer's distribution, so tokens drawn from pi_sampler are reweighted by
+    rho = pi_train_old(y_t) / pi_sampler(y_t), truncated to bound the variance:
+
+        truncate: w_t = min(rho_t, C)
+        mask:     w_t = rho_t where rho_t <= C, and the token is dropped where rho_t > C
+
+    Args:
+        train_logprobs: [B, L] float32, the trainer's logprobs of the sampled tokens
+            under the weights that sampled them (`actor.recompute_logprob`).
+        sampler_logprobs: [B, L] float32, the sampler's logprobs of the same tokens.
+        cap: C (>= 1).
+        mode: "truncate" or "mask".
+    Returns:
+        (w [B, L] float32 without gradient, keep [B, L] float32 0/1: 0 where `mask`
+        dropped the token, else 1).
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode not in TIS_MODES:
+        raise ValueError(f"actor.tis_mode={mode!r} is not supported; valid: {', '.join(TIS_MODES)}")
+    rho = torch.exp(train_logprobs.detach().float() - sampler_logprobs.detach().float())
+    if mode == "truncate":
+        return rho.clamp(max=cap), torch.ones_like(rho)
+    keep = (rho <= cap).float()
+    return rho * keep, keep
 
 
 @dataclass
@@ -105,9 +153,9 @@ class PPOLossOutput:
     loss: torch.Tensor  # differentiable
     clip_fraction: torch.Tensor  # share of kept tokens where the clipped branch was taken
     dual_clip_fraction: torch.Tensor  # share of kept tokens bounded by the dual clip
-    importance_weight_mean: torch.Tensor  # mean behaviour importance weight over kept tokens
+    importance_weight_mean: torch.Tensor  # mean importance weight (behaviour and/or TIS) over kept tokens
     importance_weight_max: torch.Tensor  # its max over kept tokens
-    masked_fraction: torch.Tensor  # share of trained tokens dropped by the weight cap
+    masked_fraction: torch.Tensor  # share of trained tokens dropped by a weight cap
 
 
 def ppo_clipped_loss(
@@ -122,6 +170,10 @@ def ppo_clipped_loss(
     num_loss_tokens: Optional[float] = None,
     proximal_logprobs: Optional[torch.Tensor] = None,
     behav_imp_weight_cap: Optional[float] = None,
+    sampler_logprobs: Optional[torch.Tensor] = None,
+    tis_cap: Optional[float] = None,
+    tis_mode: str = "truncate",
+    importance_level: str = "token",
 ) -> PPOLossOutput:
     """PPO's clipped surrogate (Schulman et al., 2017, arXiv 1707.06347), negated so that
     it is minimised, averaged over tokens ("token-level" normalisation from DAPO, Yu et
@@ -142,6 +194,16 @@ def ppo_clipped_loss(
     `behav_imp_weight_cap` are masked out (and left out of the statistics but
     `masked_fraction`).
 
+    With `sampler_logprobs` and `tis_cap`, `old_logprobs` are the trainer's own and each
+    token is also weighted by `truncated_importance_weights(old_logprobs,
+    sampler_logprobs, cap=tis_cap, mode=tis_mode)` (tokens the mask mode drops are left
+    out as the cap's are).
+
+    `importance_level="sequence"` is GSPO (Zheng et al., 2025, arXiv 2507.18071): every
+    token of a sequence takes the sequence's ratio (`sequence_log_ratio`), so the clip
+    keeps or drops whole sequences; the loss stays a token mean, whose gradient per token
+    is then s_i * A_i * grad log pi(y_it) / N, GSPO-token's.
+
     Args:
         logprobs: [B, L] float32, current policy, differentiable.
         old_logprobs: [B, L] float32, the behaviour policy that generated the tokens.
@@ -149,10 +211,18 @@ def ppo_clipped_loss(
         loss_mask: [B, L] 0/1.
         num_loss_tokens: divide by this instead of `loss_mask.sum()`, so micro-batches of
             one batch add up to the batch's token mean.
+    Raises:
+        ValueError: unknown `importance_level` or `tis_mode`.
     """
     mask = loss_mask.float()
     anchor = old_logprobs if proximal_logprobs is None else proximal_logprobs
-    ratio = torch.exp(logprobs - anchor.detach())
+    log_ratio = logprobs - anchor.detach()
+    if importance_level == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask)
+    elif importance_level != "token":
+        raise ValueError(f"actor.importance_level={importance_level!r} is not supported; "
+                         f"valid: {', '.join(IMPORTANCE_LEVELS)}")
+    ratio = torch.exp(log_ratio)
     high = eps_clip if eps_clip_higher is None else eps_clip_higher
     unclipped = ratio * advantages
     clipped_branch = ratio.clamp(1.0 - eps_clip, 1.0 + high) * advantages
@@ -170,6 +240,9 @@ def ppo_clipped_loss(
         weight = torch.exp(proximal_logprobs.detach() - old_logprobs.detach())
         if behav_imp_weight_cap is not None:
             kept = mask * (weight <= behav_imp_weight_cap).float()
+    if sampler_logprobs is not None and tis_cap is not None:
+        tis_weight, tis_keep = truncated_importance_weights(old_logprobs, sampler_logprobs, cap=tis_cap, mode=tis_mode)
+        weight, kept = weight * tis_weight, kept * tis_keep
     loss = -masked_mean(surrogate * weight, kept, num_loss_tokens)
     with torch.no_grad():
         count = mask.sum().clamp(min=1)

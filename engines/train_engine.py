@@ -251,6 +251,10 @@ class TrainEngine:
             num_loss_tokens=num_tokens,
             proximal_logprobs=mb["prox_logp"] if use_prox else None,
             behav_imp_weight_cap=cfg.behav_imp_weight_cap if use_prox else None,
+            sampler_logprobs=mb.get("sampler_logp"),
+            tis_cap=cfg.tis_cap,
+            tis_mode=cfg.tis_mode,
+            importance_level=cfg.importance_level,
         )
         loss, kl_value = out.loss, torch.zeros((), device=self.device)
         if cfg.kl_ctl > 0:
@@ -266,7 +270,8 @@ class TrainEngine:
 
         Expects [B, L] tensors `input_ids`, `attention_mask`, `loss_mask`, `logprobs`
         (behaviour policy), `advantages` (float32, per token), and optionally
-        `prox_logp` (decoupled loss) and `ref_logp` (KL penalty).
+        `prox_logp` (decoupled loss), `sampler_logp` (the sampler's logprobs when
+        `logprobs` are the trainer's, for `actor.tis_cap`) and `ref_logp` (KL penalty).
 
         Returns statistics averaged over the minibatches (loss, grad norm before clipping,
         lr, clip fraction, importance weights, KL).

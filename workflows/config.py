@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from engines.config import MODEL_DTYPES, ActorConfig, GenerationConfig, ModelConfig, option
+from engines.config import MODEL_DTYPES, ActorConfig, CriticConfig, GenerationConfig, ModelConfig, option
 
 # The valid values of the string-typed keys, named by the fields below as `choices`.
 ROLLOUT_BACKENDS = ("local", "vllm", "sglang")
@@ -286,6 +286,7 @@ class ExperimentConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stats_logger: StatsLoggerConfig = field(default_factory=StatsLoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

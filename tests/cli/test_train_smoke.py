@@ -67,3 +67,28 @@ def test_policy_changes_and_deterministic_runs_match(tmp_path, gsm8k_dir, model_
     trained = AutoModelForCausalLM.from_pretrained(runs[0] / "checkpoints" / "step_2").state_dict()
     changed = [k for k in initial if not torch.equal(initial[k], trained[k])]
     assert len(changed) >= len(initial) - 1
+
+
+def test_gspo_with_truncated_importance_sampling_trains(tmp_path, gsm8k_dir):
+    """GSPO's sequence ratio and truncated importance sampling through the CLI: the
+    trainer recomputes its own logprobs, keeps the sampler's beside them, and the
+    weights reach the loss (reported as importance weights, within the cap)."""
+    train(tmp_path, gsm8k_dir, *SIGNAL, "actor.importance_level=sequence", "actor.recompute_logprob=true",
+          "actor.tis_cap=2", "actor.adv_estimator=grpo")
+    records = read_stats(tmp_path / "stats.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["loss"] != 0 and 0 < r["importance_weight_mean"] <= r["importance_weight_max"] <= 2.0 for r in records)
+    assert all(r["logprob_abs_diff_mean"] < 1e-3 for r in records)
+
+
+def test_ppo_with_a_critic_trains_and_resumes(tmp_path, gsm8k_dir):
+    """actor.adv_estimator=gae: the critic's statistics are in every record, its state is
+    in the recover checkpoint, and a longer run continues from it."""
+    common = ["actor.adv_estimator=gae", "actor.reward_bias=-0.5", "gconfig.n_samples=1", "dataset.batch_size=2"]
+    train(tmp_path, gsm8k_dir, *common, "trainer.total_steps=2", "trainer.recover_freq_steps=1")
+    assert (tmp_path / "checkpoints" / "recover" / "critic" / "value_model.safetensors").is_file()
+    result = train(tmp_path, gsm8k_dir, *common, "trainer.total_steps=3")
+    assert "resuming from step 2" in result.stdout + result.stderr
+    records = read_stats(tmp_path / "stats.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["value_loss"] > 0 and r["loss"] != 0 and "explained_variance" in r for r in records)

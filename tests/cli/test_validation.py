@@ -38,6 +38,13 @@ BAD_VALUES = [
     ("actor.optimizer.beta2=1", "[0, 1)"),
     ("actor.optimizer.warmup_steps_proportion=2", "[0, 1]"),
     ("actor.behav_imp_weight_cap=0.5", "> 1"),
+    ("actor.tis_cap=0.5", ">= 1 (Yao et al. use 2)"),
+    ("actor.tis_mode=clip", "must be one of truncate, mask"),
+    ("actor.adv_estimator=ppo", "must be one of grpo, rloo, reinforce_plus_plus"),
+    ("actor.importance_level=segment", "must be one of token, sequence"),
+    ("actor.gae_lambda=1.5", "must be in [0, 1]"),
+    ("critic.optimizer.lr=0", "must be > 0"),
+    ("critic.value_eps_clip=0", "must be > 0, or null"),
     ("trainer.total_steps=0", ">= 1"),
     ("dataset.batch_size=0", ">= 1"),
     ("stats_logger.file_name=a/b.jsonl", "without '/'"),
@@ -63,7 +70,14 @@ def test_bad_value_refused_naming_key_and_value(override, fragment):
     [
         (["actor.max_tokens_per_mb=100"], "actor.max_tokens_per_mb=100 cannot hold one sequence of up to 528 tokens"),
         (["actor.use_decoupled_loss=true"], "set actor.recompute_logprob=true"),
+        (["actor.tis_cap=2"], "actor.tis_cap=2.0 weights tokens by the trainer's over the sampler's logprobs; "
+                               "set actor.recompute_logprob=true"),
+        (["actor.tis_cap=2", "actor.recompute_logprob=true", "actor.use_decoupled_loss=true"],
+         "actor.tis_cap=2.0 with actor.use_decoupled_loss=true would correct the sampler twice"),
         (["gconfig.n_samples=1"], "gconfig.n_samples=1 with actor.group_reward_norm=true"),
+        (["gconfig.n_samples=1", "actor.adv_estimator=rloo", "actor.group_reward_norm=false"],
+         "gconfig.n_samples=1 leaves actor.adv_estimator=rloo no other sample"),
+        (["gconfig.temperature=0", "actor.adv_estimator=rloo", "actor.group_reward_norm=false"], "gconfig.temperature=0"),
         (["gconfig.temperature=0"], "gconfig.temperature=0"),
         (["trainer.total_steps=null", "rollout.consumer_batch_size=3"], "rollout.consumer_batch_size=3 differs"),
         (["deployment_mode=disaggregated", "metadata_store=memory"], "needs metadata_store=sqlite"),
@@ -80,9 +94,20 @@ def test_cross_field_rules(overrides, fragment):
 def test_cross_field_rules_allow_the_consistent_variants():
     assert load_config("smoke", ["actor.use_decoupled_loss=true", "actor.recompute_logprob=true"]).actor.use_decoupled_loss
     assert load_config("smoke", ["gconfig.n_samples=1", "actor.group_reward_norm=false"]).gconfig.n_samples == 1
+    assert load_config("smoke", ["actor.tis_cap=2", "actor.recompute_logprob=true", "actor.tis_mode=mask"]).actor.tis_cap == 2
+    # PPO with a critic needs no group.
+    assert load_config("smoke", ["gconfig.n_samples=1", "actor.adv_estimator=gae"]).actor.adv_estimator == "gae"
+    # REINFORCE++ without a group baseline normalises over the batch, so a group of one is fine.
+    assert load_config("smoke", ["gconfig.n_samples=1", "actor.group_reward_norm=false",
+                                 "actor.adv_estimator=reinforce_plus_plus"]).gconfig.n_samples == 1
     # A consumer batch that differs from the dataset batch is fine when the run length is in steps.
     assert load_config("smoke", ["rollout.consumer_batch_size=3"]).rollout.consumer_batch_size == 3
     assert load_config("smoke", ["trainer.total_steps=null", "rollout.consumer_batch_size=2"]).trainer.total_steps is None
+
+
+def test_critic_trains_in_one_process():
+    with pytest.raises(ConfigError, match="actor.adv_estimator=gae trains its critic in one process, not over 2"):
+        load_config("smoke", ["actor.adv_estimator=gae"], world_size=2)
 
 
 def test_batch_must_split_over_replicas():

@@ -1,5 +1,6 @@
 import asyncio
 
+import pytest
 import torch
 
 from engines.inference import GenerationRequest, InferenceEngine, LocalInferenceEngine
@@ -137,4 +138,60 @@ def test_shared_prompt_prefill_matches_plain_generate(tiny_model, tokenizer):
         full = torch.tensor([prompt + response.output_ids])
         logp = token_logprobs(tiny_model, full, torch.ones_like(full), temperature=1.0)[0, len(prompt) :]
         torch.testing.assert_close(torch.tensor(response.output_logprobs), logp, atol=1e-4, rtol=1e-4)
+    engine.destroy()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"repetition_penalty": 3.0},
+        {"no_repeat_ngram_size": 1},
+        {"min_new_tokens": 8},
+        {"suppress_tokens": list(range(100, 20000))},
+    ],
+    ids=lambda s: next(iter(s)),
+)
+def test_model_generation_config_does_not_shape_sampling(tiny_model, tokenizer, setting):
+    """A model's own generation_config (Qwen2.5-Instruct ships a repetition penalty) must
+    not reach the sampler: it would shape the sampled distribution and the recorded
+    logprobs, but not the trainer's, so on-policy ratios would not start at 1."""
+    # Peaked logits, so that a repetition penalty moves the logprobs by much more than
+    # numerics do.
+    with torch.no_grad():
+        tiny_model.get_output_embeddings().weight.mul_(40.0)
+    for key, value in setting.items():
+        setattr(tiny_model.generation_config, key, value)
+    prompts = [[1, 520, 9531, 198, 520, 9531], [1, 4093, 198, 1780, 314, 216]]
+    engine = make_engine(tiny_model, tokenizer)
+    if "min_new_tokens" in setting:
+        # The end token must be likely for forbidding it to move the logprobs: make it
+        # the model's first choice after the first prompt.
+        with torch.no_grad():
+            engine.eos_token_id = int(tiny_model(torch.tensor([prompts[0]])).logits[0, -1].argmax())
+    torch.manual_seed(0)
+    responses = engine.generate([GenerationRequest(input_ids=p, max_new_tokens=8, temperature=1.0) for p in prompts])
+    for r in responses:
+        ids = torch.tensor([r.input_ids + r.output_ids])
+        logp = token_logprobs(engine.model, ids, torch.ones_like(ids), temperature=1.0)[0, len(r.input_ids) :]
+        torch.testing.assert_close(torch.tensor(r.output_logprobs), logp, atol=1e-4, rtol=1e-4)
+    engine.destroy()
+
+
+def test_seeded_group_larger_than_a_batch_does_not_repeat_samples(tiny_model, tokenizer):
+    """Deterministic mode with gconfig.n_samples > gconfig.max_batch_size: the group is
+    decoded in several batches, and each must draw its own samples (re-seeding each with
+    the group's seed made them copies), still reproducibly."""
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=2)
+
+    async def group():
+        request = GenerationRequest(input_ids=[1, 520, 9531, 198], max_new_tokens=6, seed=1234)
+        return [tuple(r.output_ids) for r in await asyncio.gather(*(engine.agenerate(request) for _ in range(6)))]
+
+    first = asyncio.run(group())
+    assert len(set(first)) == 6
+    assert asyncio.run(group()) == first
+    # The first batch of a group is seeded as before, so groups that fit in one batch
+    # sample what they always did.
+    alone = engine.generate([GenerationRequest(input_ids=[1, 520, 9531, 198], max_new_tokens=6, seed=1234)] * 2)
+    assert [tuple(r.output_ids) for r in alone] == first[:2]
     engine.destroy()

@@ -122,3 +122,69 @@ def test_has_reward_variance():
     assert not has_reward_variance({"rewards": torch.tensor([0.0, 0.0, 0.0])})
     assert not has_reward_variance({"rewards": torch.tensor([1.0, 1.0])})
     assert has_reward_variance({"rewards": torch.tensor([0.0, 1.0, 0.0])})
+
+
+def test_truncated_importance_sampling_by_hand():
+    """Yao et al. 2025: rho = pi_train_old / pi_sampler per token; truncate weights by
+    min(rho, C), mask drops the tokens with rho > C and keeps rho elsewhere."""
+    from engines.ppo import truncated_importance_weights
+
+    train = torch.tensor([[0.0, math.log(0.5), math.log(3.0), 0.0]])  # the trainer's old logprobs, log rho here
+    sampler = torch.zeros(1, 4)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    weight, keep = truncated_importance_weights(train, sampler, cap=2.0, mode="truncate")
+    torch.testing.assert_close(weight, torch.tensor([[1.0, 0.5, 2.0, 1.0]]))
+    assert keep.tolist() == [[1.0, 1.0, 1.0, 1.0]]
+    weight, keep = truncated_importance_weights(train, sampler, cap=2.0, mode="mask")
+    torch.testing.assert_close(weight, torch.tensor([[1.0, 0.5, 0.0, 1.0]]))
+    assert keep.tolist() == [[1.0, 1.0, 0.0, 1.0]]
+    with pytest.raises(ValueError, match="truncate, mask"):
+        truncated_importance_weights(train, sampler, cap=2.0, mode="clip")
+
+    # In the loss: the current policy equals the trainer's old one (ratio 1), advantages
+    # 1, -2, 1; surrogate x weight, over the 3 trained tokens.
+    adv = torch.tensor([[1.0, -2.0, 1.0, 7.0]])
+    new = train.clone().requires_grad_(True)
+    out = ppo_clipped_loss(new, train, adv, mask, eps_clip=0.2, sampler_logprobs=sampler, tis_cap=2.0)
+    assert out.loss.item() == pytest.approx(-(1.0 * 1 + 0.5 * -2 + 2.0 * 1) / 3)
+    assert out.importance_weight_max.item() == pytest.approx(2.0)
+    assert out.importance_weight_mean.item() == pytest.approx((1.0 + 0.5 + 2.0) / 3)
+    out.loss.backward()
+    # d/dlogp of -w A ratio / N at ratio 1: -w A / N.
+    torch.testing.assert_close(new.grad, torch.tensor([[-1.0, 1.0, -2.0, 0.0]]) / 3)
+    masked = ppo_clipped_loss(train, train, adv, mask, eps_clip=0.2, sampler_logprobs=sampler, tis_cap=2.0,
+                              tis_mode="mask", num_loss_tokens=3)
+    assert masked.loss.item() == pytest.approx(-(1.0 * 1 + 0.5 * -2) / 3)
+    assert masked.masked_fraction.item() == pytest.approx(1 / 3)
+    # Without a cap the sampler's logprobs change nothing.
+    plain = ppo_clipped_loss(train, train, adv, mask, eps_clip=0.2, sampler_logprobs=sampler)
+    assert plain.loss.item() == pytest.approx(-(1.0 - 2.0 + 1.0) / 3)
+
+
+def test_gspo_sequence_ratio_by_hand():
+    """GSPO (Zheng et al. 2025): s_i = exp(mean_t (logp - old_logp)), clipped per
+    sequence; token-mean loss, so each token's gradient is -s_i A_i / N."""
+    from engines.ppo import sequence_log_ratio
+
+    old = torch.zeros(2, 3)
+    # Row 0: token log-ratios 0.1, -0.1 -> s = 1 (inside the band); row 1: 0.6, 0.2 ->
+    # s = e^0.4 ~ 1.49, clipped at 1.2 (advantage +1). The third column is padding.
+    new = torch.tensor([[0.1, -0.1, 0.0], [0.6, 0.2, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    adv = torch.ones(2, 3)
+    torch.testing.assert_close(sequence_log_ratio(new.detach(), mask), torch.tensor([[0.0] * 3, [0.4] * 3]))
+    out = ppo_clipped_loss(new, old, adv, mask, eps_clip=0.2, importance_level="sequence")
+    assert out.loss.item() == pytest.approx(-(1.0 + 1.0 + 1.2 + 1.2) / 4)
+    assert out.clip_fraction.item() == pytest.approx(2 / 4)  # both tokens of the clipped sequence
+    out.loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[-0.25, -0.25, 0.0], [0.0, 0.0, 0.0]]))
+    # Per token, the same row 0 would clip nothing and weigh its tokens by their own ratios.
+    token = new.detach().clone().requires_grad_(True)
+    ppo_clipped_loss(token, old, adv, mask, eps_clip=0.2).loss.backward()
+    torch.testing.assert_close(token.grad[0, :2], -torch.tensor([math.exp(0.1), math.exp(-0.1)]) / 4)
+    # A negative advantage with a sequence ratio below 1 - eps: clipped at 0.8 for the whole sequence.
+    low = ppo_clipped_loss(torch.tensor([[-0.5, -0.1]]), torch.zeros(1, 2), -torch.ones(1, 2), torch.ones(1, 2),
+                           eps_clip=0.2, importance_level="sequence")
+    assert low.loss.item() == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="token, sequence"):
+        ppo_clipped_loss(new, old, adv, mask, eps_clip=0.2, importance_level="segment")

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -96,8 +97,16 @@ def test_kl_needs_reference_model(tiny_model):
         make_engine(tiny_model, kl_ctl=0.1)
 
 
-@pytest.mark.parametrize("advantages", [[1.0, 0.0, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
-def test_rows_without_advantage_are_skipped_without_changing_the_update(tiny_model, advantages):
+@pytest.mark.parametrize(
+    "advantages, loss",
+    [
+        ([1.0, 0.0, -0.5, 0.0], {}),
+        ([0.0, 0.0, 0.0, 0.0], {}),
+        # GSPO's sequence ratio and truncated importance weights keep a zero-advantage row at 0.
+        ([1.0, 0.0, -0.5, 0.0], {"importance_level": "sequence", "tis_cap": 1.2, "tis_mode": "mask"}),
+    ],
+)
+def test_rows_without_advantage_are_skipped_without_changing_the_update(tiny_model, advantages, loss):
     """Sequences whose advantage is 0 everywhere add nothing to the loss or its gradient;
     leaving them out (also all of them: the optimizer still steps, so weight decay and
     Adam's moments move as before) gives the same parameters and loss."""
@@ -105,7 +114,9 @@ def test_rows_without_advantage_are_skipped_without_changing_the_update(tiny_mod
     before = copy.deepcopy(tiny_model.state_dict())
     batch = synthetic_batch()
     batch["advantages"] = torch.tensor(advantages)[:, None] * batch["loss_mask"].float()
-    actor = dict(optimizer=OptimizerConfig(lr=1e-2, weight_decay=0.1))
+    if "tis_cap" in loss:
+        batch["sampler_logp"] = -torch.rand(batch["logprobs"].shape, generator=torch.Generator().manual_seed(1))
+    actor = dict(optimizer=OptimizerConfig(lr=1e-2, weight_decay=0.1), **loss)
     skipping = TrainEngine(ActorConfig(**actor), tiny_model, total_steps=4, max_sequence_tokens=12, temperature=1.0)
     everything = TrainEngine(ActorConfig(**actor), twin, total_steps=4, max_sequence_tokens=12, temperature=1.0)
     everything._rows_with_gradient = lambda mini: mini
@@ -165,3 +176,37 @@ def test_dr_grpo_constant_normalisation_divides_by_the_generation_budget(tiny_mo
     assert b.loss == pytest.approx(a.loss * tokens / (4 * 20), rel=1e-5)
     with pytest.raises(ValueError, match="needs max_new_tokens"):
         TrainEngine(cfg, copy.deepcopy(twin), total_steps=4, max_sequence_tokens=12, temperature=1.0)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_truncated_importance_sampling_weights_the_loss(tiny_model, mode):
+    """With `sampler_logp` in the batch and `actor.tis_cap`, each token's surrogate is
+    weighted by min(pi_train_old / pi_sampler, C) (or dropped above C, mode mask)."""
+    engine = make_engine(tiny_model, tis_cap=2.0, tis_mode=mode)
+    batch = synthetic_batch()
+    batch["logprobs"] = engine.compute_logp(batch)  # the trainer's own: every ratio starts at 1
+    # The sampler put log 4 less on row 0's tokens (rho = 4) and log 1.5 more on row 2's (rho = 2/3).
+    batch["sampler_logp"] = batch["logprobs"] - torch.tensor([math.log(4.0), 0.0, -math.log(1.5), 0.0])[:, None]
+    counts = batch["loss_mask"].sum(dim=1).tolist()  # 7, 4, 7, 7 tokens
+    weight0 = 2.0 if mode == "truncate" else 0.0
+    expected = -(weight0 * 1.0 * counts[0] - counts[1] + 0.5 / 1.5 * counts[2] - 0.5 * counts[3]) / sum(counts)
+    stats = engine.train_batch(batch)
+    assert stats.loss == pytest.approx(expected, abs=1e-5)
+    assert stats.masked_fraction == pytest.approx(counts[0] / sum(counts) if mode == "mask" else 0.0)
+
+
+def test_gspo_reaches_the_loss(tiny_model):
+    """`actor.importance_level=sequence`: with old logprobs moved per token (geometric
+    mean 1 in row 0), the loss is GSPO's, not the token-level one."""
+    token, sequence = make_engine(copy.deepcopy(tiny_model)), make_engine(tiny_model, importance_level="sequence")
+    batch = synthetic_batch()
+    logp = token.compute_logp(batch)
+    shift = torch.tensor([0.3, -0.3] * 6)[None, :] * batch["loss_mask"].float()
+    batch["logprobs"] = logp + shift * torch.tensor([1.0, 0.0, 0.0, 0.0])[:, None]
+    # Row 0 has 7 trained tokens: shifts +-0.3 alternate, summing to +-0.3; the rest have ratio 1.
+    log_s0 = -float(shift[0].sum()) / 7
+    counts = batch["loss_mask"].sum(dim=1).tolist()
+    s0 = min(math.exp(log_s0), 1.2) if log_s0 > 0 else math.exp(log_s0)
+    expected = -(s0 * 1.0 * counts[0] - counts[1] + 0.5 * counts[2] - 0.5 * counts[3]) / sum(counts)
+    assert sequence.train_batch(dict(batch)).loss == pytest.approx(expected, abs=1e-5)
+    assert token.train_batch(dict(batch)).loss != pytest.approx(expected, abs=1e-3)

@@ -38,3 +38,32 @@ def test_signal_share_counts_groups_with_a_non_zero_advantage():
     stats = batch_stats(gather_sequences(batch, DistributedContext()))
     assert stats["signal_share"] == 1 / 3
     assert stats["num_sequences"] == 6
+
+
+def test_recomputed_logprobs_go_where_the_loss_reads_them():
+    from types import SimpleNamespace
+
+    from workflows.config import ExperimentConfig
+    from workflows.training.trainer import recompute_logprobs
+
+    sampler = torch.tensor([[0.0, -1.0, -2.0]])
+    trainer = torch.tensor([[0.0, -1.5, -2.0]])
+    engine = SimpleNamespace(compute_logp=lambda batch: trainer.clone())
+
+    def prepare(**actor):
+        cfg = ExperimentConfig()
+        for key, value in actor.items():
+            setattr(cfg.actor, key, value)
+        batch = {"logprobs": sampler.clone(), "loss_mask": torch.tensor([[0, 1, 1]]), "versions": torch.tensor([[-1, 0, 0]])}
+        return batch, recompute_logprobs(batch, cfg, engine, version=0)
+
+    batch, extra = prepare()
+    assert extra == {} and set(batch) == {"logprobs", "loss_mask", "versions"}
+    batch, extra = prepare(recompute_logprob=True)
+    assert torch.equal(batch["logprobs"], trainer) and "sampler_logp" not in batch
+    assert extra["logprob_abs_diff_mean"] == 0.25
+    # Truncated importance sampling keeps the sampler's logprobs beside the trainer's.
+    batch, _ = prepare(recompute_logprob=True, tis_cap=2.0)
+    assert torch.equal(batch["logprobs"], trainer) and torch.equal(batch["sampler_logp"], sampler)
+    batch, _ = prepare(recompute_logprob=True, use_decoupled_loss=True)
+    assert torch.equal(batch["logprobs"], sampler) and torch.equal(batch["prox_logp"], trainer)

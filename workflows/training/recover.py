@@ -5,6 +5,7 @@ Layout (`<run_dir>/checkpoints/recover/`, written only by rank 0):
 
     model/           the policy, Hugging Face format (config + safetensors), `engine.save`
     optimizer.pt     optimizer and LR-scheduler state dicts, policy version
+    critic/          with actor.adv_estimator=gae: the value model's weights and optimizer
     rng.pt           python, numpy, torch CPU (and CUDA) RNG states of rank 0
     meta.json        step, total_steps, stats records written, data position, and the
                      size and SHA-256 of every other file; written last: a directory
@@ -222,8 +223,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # -- writing and loading whole checkpoints ----------------------------------------------------
 
 
-def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo) -> Path:
-    """Write a recover checkpoint of `engine` (a TrainEngine) atomically; returns its path.
+def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo, critic=None) -> Path:
+    """Write a recover checkpoint of `engine` (a TrainEngine) atomically, with the
+    `critic` (a CriticEngine: weights and optimizer in `critic/`) when there is one;
+    returns its path.
 
     Call on rank 0 only. Takes about the time of one `engine.save` plus writing the
     optimizer state (twice the weights' size for AdamW).
@@ -234,6 +237,8 @@ def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo) ->
     def write(tmp: Path) -> None:
         engine.save(tmp / "model")
         engine.save_optimizer_state(tmp / "optimizer.pt")
+        if critic is not None:
+            critic.save(tmp / "critic")
         torch.save(capture_rng_state(), tmp / "rng.pt")
         info.files = file_manifest(tmp)
         # Last: its presence is what makes the directory a checkpoint.
@@ -243,10 +248,11 @@ def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo) ->
     return final
 
 
-def load_recover_checkpoint(path: Path, engine, inference) -> RecoverInfo:
-    """Load weights into `engine` and `inference`, restore the optimizer and LR schedule,
-    and set both versions to the recovered step. RNG states are not touched (see
-    `load_rng_state`: restore them just before the first step).
+def load_recover_checkpoint(path: Path, engine, inference, critic=None) -> RecoverInfo:
+    """Load weights into `engine` and `inference` (and the `critic`'s state when there is
+    one), restore the optimizer and LR schedule, and set both versions to the recovered
+    step. RNG states are not touched (see `load_rng_state`: restore them just before the
+    first step).
 
     Raises:
         CorruptCheckpointError: a file differs from what was written (size or SHA-256).
@@ -260,6 +266,11 @@ def load_recover_checkpoint(path: Path, engine, inference) -> RecoverInfo:
     version = engine.load_optimizer_state(path / "optimizer.pt")
     if version != info.step:
         raise ValueError(f"{path}: optimizer state is at version {version} but meta.json says step {info.step}")
+    if critic is not None:
+        if not (path / "critic").is_dir():
+            raise ValueError(f"{path} holds no critic (written by a run without actor.adv_estimator=gae); resume with "
+                             "that run's actor.adv_estimator or set trainer.resume=false")
+        critic.load(path / "critic")
     if inference is not None:  # None: no sampler in this process (disaggregated rollout workers)
         with engine.engine_lock:
             engine.upload_weights(inference, version=info.step)

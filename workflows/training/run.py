@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from engines.critic import CriticEngine, ValueModel
 from engines.distributed import DistributedContext
 from engines.inference import LocalInferenceEngine
 from engines.model import load_model
@@ -113,6 +114,7 @@ class Run:
     dump_dir: Optional[Path]
     control: ControlPlane
     rollouts: ColocatedRollouts | DisaggregatedRollouts
+    critic: Optional[CriticEngine] = None  # actor.adv_estimator=gae
 
     @property
     def checkpoints(self) -> Path:
@@ -197,6 +199,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
             dist_ctx=dist_ctx,
             max_new_tokens=cfg.gconfig.max_new_tokens,
         )
+        critic = build_critic(cfg, policy, engine, total_steps) if cfg.actor.adv_estimator == "gae" else None
         if control.disaggregated:
             if worker_launcher is None:
                 raise ValueError("deployment_mode=disaggregated needs a worker launcher to start its rollout workers "
@@ -228,8 +231,16 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
         cfg=cfg, dist_ctx=dist_ctx, run_dir=run_dir, stats_logger=stats_logger, tokenizer=tokenizer,
         num_prompts=len(train_data), loader=loader, total_steps=total_steps, eval_rows=eval_rows,
         inference=inference, servers=servers, engine=engine, scorer=scorer, workflow=workflow, executor=executor,
-        dump_dir=dump_dir, control=control, rollouts=rollouts,
+        dump_dir=dump_dir, control=control, rollouts=rollouts, critic=critic,
     )
+
+
+def build_critic(cfg: ExperimentConfig, policy, engine: TrainEngine, total_steps: int) -> CriticEngine:
+    """PPO's critic: a value head on a copy of the initial policy (engines/critic.py),
+    micro-batched and mixed-precision like the policy's trainer."""
+    return CriticEngine(cfg.critic, ValueModel(copy.deepcopy(policy)), total_steps=total_steps,
+                        n_minibatches=cfg.actor.ppo_n_minibatches, max_tokens_per_mb=cfg.actor.max_tokens_per_mb,
+                        pad_to=engine.pad_to, autocast_dtype=engine.autocast_dtype)
 
 
 def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:
@@ -239,7 +250,7 @@ def restore_or_reset(run: Run, resume_from: Optional[Path]) -> Position:
     position = Position(trained=TrainedPrompts(run.loader.epoch_size))
     say = run.stats_logger.info
     if resume_from is not None:
-        info = load_recover_checkpoint(resume_from, run.engine, run.inference)
+        info = load_recover_checkpoint(resume_from, run.engine, run.inference, critic=run.critic)
         if info.num_prompts != run.num_prompts:
             raise ValueError(
                 f"{resume_from} was written for {info.num_prompts} training prompts but dataset.path="

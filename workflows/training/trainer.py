@@ -9,7 +9,8 @@ The run's parts (model, data, sampler, trainer, reward, rollout controller) are 
      process, or rollout worker processes with `deployment_mode=disaggregated`; either
      keeps generating in the background within the staleness bound
      `rollout.max_head_offpolicyness` (0: synchronous RL);
-  2. turns rewards into group-normalised advantages (GRPO);
+  2. turns rewards into advantages (`actor.adv_estimator`: GRPO's group-normalised
+     ones, RLOO, REINFORCE++, or GAE from a critic, which is trained after the policy);
   3. optionally recomputes proximal logprobs (decoupled PPO, AReaL);
   4. updates the policy with the clipped PPO objective (engines/train_engine.py), then
      acknowledges the batch's samples in the metadata store (durable deployment modes,
@@ -55,8 +56,9 @@ import torch.distributed as dist
 import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from engines.advantages import gae_advantages, sequence_advantages
 from engines.distributed import DistributedContext, init_distributed, shutdown_distributed
-from engines.ppo import group_normalized_advantages, overlong_penalty
+from engines.ppo import overlong_penalty
 from workflows.config import ExperimentConfig
 from workflows.control_plane.rollouts import WorkerLauncher
 from workflows.controller.failures import RolloutFailureError
@@ -71,22 +73,32 @@ from workflows.training.shutdown import RunInterrupted, deferred_stop, stop_on_s
 logger = logging.getLogger(__name__)
 
 
-def compute_advantages(batch: dict[str, torch.Tensor], cfg: ExperimentConfig) -> torch.Tensor:
+def compute_advantages(
+    batch: dict[str, torch.Tensor], cfg: ExperimentConfig, dist_ctx: Optional[DistributedContext] = None
+) -> torch.Tensor:
     """[B, L] float32 advantages: rewards plus DAPO's overlong penalty (when
     `actor.overlong_buffer_tokens` > 0), shifted by `reward_bias` and scaled by
-    `reward_scaling`, then group-normalised per prompt (GRPO) unless
-    `actor.group_reward_norm=false`, broadcast over each sequence's completion tokens."""
+    `reward_scaling`, turned into one advantage per sequence by `actor.adv_estimator`
+    (engines/advantages.py, `sequence_advantages`), broadcast over each sequence's
+    completion tokens. reinforce_plus_plus normalises over the global batch: with
+    several replicas (`dist_ctx`) every rank's rewards are gathered for its statistics.
+    gae gives one advantage per token from the critic's `batch["values"]` ([B, L])."""
     actor = cfg.actor
     rewards = batch["rewards"].float()
     if actor.overlong_buffer_tokens > 0:
         rewards = rewards + overlong_penalty(batch["loss_mask"].sum(dim=1), max_new_tokens=cfg.gconfig.max_new_tokens,
                                              buffer_tokens=actor.overlong_buffer_tokens, factor=actor.overlong_penalty)
     rewards = (rewards + actor.reward_bias) * actor.reward_scaling
-    if actor.group_reward_norm:
-        adv = group_normalized_advantages(rewards, group_size=cfg.gconfig.n_samples, std_norm=actor.group_adv_std_norm)
-    else:
-        # REINFORCE with the constant baseline `reward_bias`.
-        adv = rewards
+    if actor.adv_estimator == "gae":
+        return gae_advantages(rewards, batch["values"], batch["loss_mask"], gamma=actor.gae_gamma, lam=actor.gae_lambda)[0]
+    batch_rewards = None
+    if actor.adv_estimator == "reinforce_plus_plus" and dist_ctx is not None and dist_ctx.world_size > 1:
+        gathered: list = [None] * dist_ctx.world_size
+        dist.all_gather_object(gathered, rewards.tolist())
+        batch_rewards = torch.tensor([r for part in gathered for r in part], dtype=torch.float32)
+    adv = sequence_advantages(rewards, estimator=actor.adv_estimator, group_size=cfg.gconfig.n_samples,
+                              group_reward_norm=actor.group_reward_norm, std_norm=actor.group_adv_std_norm,
+                              batch_rewards=batch_rewards)
     return adv[:, None] * batch["loss_mask"].float()
 
 
@@ -151,6 +163,25 @@ def logprob_agreement(batch: dict[str, torch.Tensor], recomputed: torch.Tensor, 
     fresh = batch["loss_mask"].bool() & (batch["versions"] == version)
     diff = (batch["logprobs"] - recomputed).abs()[fresh]
     return {"logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else float("nan")}
+
+
+def recompute_logprobs(batch: dict[str, torch.Tensor], cfg: ExperimentConfig, engine, version: int) -> dict:
+    """With `actor.recompute_logprob`, the trainer's logprobs of the batch under the
+    current weights (`engine.compute_logp`), put where the loss reads them: `prox_logp`
+    for the decoupled loss, else `logprobs`, the PPO anchor, the sampler's then kept as
+    `sampler_logp` for truncated importance sampling (`actor.tis_cap`). Returns
+    `logprob_agreement`'s statistics ({} without recomputation)."""
+    if not cfg.actor.recompute_logprob:
+        return {}
+    recomputed = engine.compute_logp(batch)
+    extra = logprob_agreement(batch, recomputed, version)
+    if cfg.actor.use_decoupled_loss:
+        batch["prox_logp"] = recomputed
+        return extra
+    if cfg.actor.tis_cap is not None:
+        batch["sampler_logp"] = batch["logprobs"]
+    batch["logprobs"] = recomputed
+    return extra
 
 
 def evaluate_held_out(cfg: ExperimentConfig, run: Run, step: int, progress) -> dict:
@@ -293,7 +324,7 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
                         reward_failures=record["reward_failures"],
                         store_acked=run.control.cursor(),
                     )
-                    save_recover_checkpoint(run.checkpoints, engine, info)
+                    save_recover_checkpoint(run.checkpoints, engine, info, critic=run.critic)
             progress.advance(task)
     if position.step >= total_steps:
         stats_logger.info(f"the recover checkpoint is at step {position.step} >= trainer.total_steps={total_steps}; nothing to train")
@@ -313,20 +344,18 @@ def train_step(cfg: ExperimentConfig, step: int, run: Run, dist_ctx: Distributed
     gen_tokens = info["gen_tokens"]
     version = engine.get_version()
     staleness = staleness_stats(batch["versions"], batch["loss_mask"], version)
-    batch["advantages"] = compute_advantages(batch, cfg)
+    if run.critic is not None:
+        batch["values"] = run.critic.compute_values(batch)
+    batch["advantages"] = compute_advantages(batch, cfg, dist_ctx)
+    if run.critic is not None:
+        batch["returns"] = (batch["advantages"] + batch["values"]) * batch["loss_mask"]
     if cfg.actor.kl_ctl > 0:
         batch["ref_logp"] = engine.compute_logp(batch, model=engine.ref_model)
-    extra = {}
-    if cfg.actor.recompute_logprob:
-        prox_logp = engine.compute_logp(batch)
-        extra = logprob_agreement(batch, prox_logp, version)
-        if cfg.actor.use_decoupled_loss:
-            batch["prox_logp"] = prox_logp
-        else:
-            # Plain PPO, with the current weights as the trust-region anchor.
-            batch["logprobs"] = prox_logp
+    extra = recompute_logprobs(batch, cfg, engine, version)
     train_start = time.perf_counter()
     train = engine.train_batch(batch)
+    if run.critic is not None:
+        extra.update(asdict(run.critic.train_batch(batch)))
     train_seconds = time.perf_counter() - train_start
     # The optimizer boundary: the durable modes acknowledge the batch's samples here.
     run.control.acknowledge(step)
