@@ -18,7 +18,7 @@ MODEL_ID, DATA_ID = "nobody-here/no-such-model", "nobody-here/no-such-data"
 # (override, the start of the one line, its end: the fix)
 CASES = [
     (f"model.path={MODEL_ID}", f"config error: model.path='{MODEL_ID}': ", "model.path=<local model dir>"),
-    (f"dataset.path={DATA_ID}", f"config error: dataset.path='{DATA_ID}': ", "dataset.path=<local dir of jsonl/parquet>"),
+    (f"dataset.path={DATA_ID}", f"config error: dataset.path='{DATA_ID}': ", "dataset.path=<local dir or file of jsonl/json/parquet/csv>"),
 ]
 
 
