@@ -77,7 +77,9 @@ def sampling_config(request: "GenerationRequest", stop_ids: list[int], pad_token
         top_p=request.top_p if sample else 1.0,
         top_k=request.top_k if sample else None,
         max_new_tokens=request.max_new_tokens,
-        min_length=0, min_new_tokens=0, num_beams=1, num_beam_groups=1, num_return_sequences=1, early_stopping=False,
+        # min_new_tokens stays None (no processor): set beside min_length, transformers
+        # warns on every call.
+        min_length=0, num_beams=1, num_beam_groups=1, num_return_sequences=1, early_stopping=False,
         typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
         length_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, diversity_penalty=0.0,
         remove_invalid_values=False, renormalize_logits=False, output_scores=False, return_dict_in_generate=False,
