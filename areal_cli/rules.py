@@ -85,6 +85,20 @@ def mapping(v: Any) -> bool:
 
 
 # Keys without `choices` in their metadata whose values are not all fine.
+
+def optimizer_rules(prefix: str) -> tuple[Rule, ...]:
+    """The rules of an OptimizerConfig at `prefix`: the actor's and the critic's share one schema."""
+    return (
+        Rule(f"{prefix}.lr", greater_than(0), "must be > 0"),
+        Rule(f"{prefix}.weight_decay", at_least(0), "must be >= 0"),
+        Rule(f"{prefix}.beta1", within(0, 1, high_open=True), "must be in [0, 1)"),
+        Rule(f"{prefix}.beta2", within(0, 1, high_open=True), "must be in [0, 1)"),
+        Rule(f"{prefix}.eps", greater_than(0), "must be > 0"),
+        Rule(f"{prefix}.gradient_clipping", at_least(0), "must be >= 0 (0 disables clipping)"),
+        Rule(f"{prefix}.warmup_steps_proportion", within(0, 1), "must be in [0, 1] (a fraction of the steps)"),
+        Rule(f"{prefix}.min_lr_ratio", within(0, 1), "must be in [0, 1] (a fraction of lr)"),
+    )
+
 HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("experiment_name", plain_name, "must be a non-empty name without '/'"),
     Rule("trial_name", plain_name, "must be a non-empty name without '/'"),
@@ -135,14 +149,7 @@ HAND_WRITTEN: tuple[Rule, ...] = (
          "file.py:function), a non-empty list of them, or null for the dataset's default", optional=True),
     Rule("reward.weights", lambda v: bool(list(v)) and all(_number(w) for w in v),
          "must list one finite number per reward.fn entry, or be null for 1.0 each", optional=True),
-    Rule("actor.optimizer.lr", greater_than(0), "must be > 0"),
-    Rule("actor.optimizer.weight_decay", at_least(0), "must be >= 0"),
-    Rule("actor.optimizer.beta1", within(0, 1, high_open=True), "must be in [0, 1)"),
-    Rule("actor.optimizer.beta2", within(0, 1, high_open=True), "must be in [0, 1)"),
-    Rule("actor.optimizer.eps", greater_than(0), "must be > 0"),
-    Rule("actor.optimizer.gradient_clipping", at_least(0), "must be >= 0 (0 disables clipping)"),
-    Rule("actor.optimizer.warmup_steps_proportion", within(0, 1), "must be in [0, 1] (a fraction of the steps)"),
-    Rule("actor.optimizer.min_lr_ratio", within(0, 1), "must be in [0, 1] (a fraction of lr)"),
+    *optimizer_rules("actor.optimizer"),
     Rule("actor.max_tokens_per_mb", at_least(1), "must be >= 1 (tokens)"),
     Rule("actor.ppo_n_minibatches", at_least(1), "must be >= 1"),
     Rule("actor.eps_clip", within(0, 1, low_open=True, high_open=True), "must be in (0, 1)"),
@@ -158,14 +165,7 @@ HAND_WRITTEN: tuple[Rule, ...] = (
          optional=True),
     Rule("actor.gae_gamma", within(0, 1), "must be in [0, 1] (the discount per token)"),
     Rule("actor.gae_lambda", within(0, 1), "must be in [0, 1]"),
-    Rule("critic.optimizer.lr", greater_than(0), "must be > 0"),
-    Rule("critic.optimizer.weight_decay", at_least(0), "must be >= 0"),
-    Rule("critic.optimizer.beta1", within(0, 1, high_open=True), "must be in [0, 1)"),
-    Rule("critic.optimizer.beta2", within(0, 1, high_open=True), "must be in [0, 1)"),
-    Rule("critic.optimizer.eps", greater_than(0), "must be > 0"),
-    Rule("critic.optimizer.gradient_clipping", at_least(0), "must be >= 0 (0 disables clipping)"),
-    Rule("critic.optimizer.warmup_steps_proportion", within(0, 1), "must be in [0, 1] (a fraction of the steps)"),
-    Rule("critic.optimizer.min_lr_ratio", within(0, 1), "must be in [0, 1] (a fraction of lr)"),
+    *optimizer_rules("critic.optimizer"),
     Rule("critic.value_eps_clip", greater_than(0), "must be > 0, or null for no value clip", optional=True),
     Rule("trainer.total_steps", at_least(1), "must be >= 1, or null to train trainer.total_epochs", optional=True),
     Rule("trainer.total_epochs", at_least(1), "must be >= 1"),
