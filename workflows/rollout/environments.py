@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 from workflows.api import Scorer
+from workflows.config import DEFAULT_FEEDBACK
 from workflows.rollout.tools import ToolRegistry, parse_tool_calls, tool_message
-
-DEFAULT_FEEDBACK = ("Your answer is incorrect. Read the question again, check each step of your work, and give "
-                    "the final answer again.")
 
 
 @dataclass
