@@ -54,5 +54,6 @@ def test_the_step_record_and_plot_carry_the_per_turn_shares():
     stats = batch_stats(sequences)
     assert stats["solved_turn_1"] == 0.5 and stats["solved_turn_2"] == 0.25 and stats["turns_mean"] == 1.5
     assert stats["tool_errors"] == 3 and stats["over_budget"] == 1
+    assert stats["accuracy"] == 0.75  # solved at any turn, though the turn-2 reward is 0.9
     assert "solved_turn_1" not in batch_stats({k: v for k, v in sequences.items() if k not in EPISODE_KEYS})
     assert {"solved_turn_1", "solved_turn_2"} <= {key for key, _ in PANELS}

@@ -230,3 +230,23 @@ def test_the_staleness_budget_counts_a_multi_turn_episode_once(tiny_model, token
         engine.destroy()
     assert batch["num_turns"].tolist() == [3, 3, 3, 3]  # each episode took three turns...
     assert stats.accepted == 2 and stats.enqueued + stats.running == 0  # ...and counts once
+
+
+def test_held_out_evaluation_runs_whole_greedy_episodes(tiny_model, tokenizer):
+    from workflows.training.evaluation import evaluate_rows
+
+    scorer = ContainsScorer(script=[0.0, 1.0, 1.0])  # prompt 0: wrong then right; prompt 1: right at once
+    workflow = MultiTurnWorkflow(
+        make_env=lambda: RetryEnvironment(scorer), gconfig=GenerationConfig(n_samples=1, max_new_tokens=4),
+        tokenizer=tokenizer, max_turns=2, max_total_tokens=100,
+    )
+    prompt = tokenizer.encode("<|im_start|>user\n5+5?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    rows = [{"id": i, "prompt_ids": prompt, "answer": "10"} for i in range(2)]
+    engine = LocalInferenceEngine(tiny_model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    try:
+        report = asyncio.run(evaluate_rows(engine, scorer, tokenizer, rows, workflow.gconfig, n_samples=0,
+                                           pass_k=[1], concurrency=1, workflow=workflow))
+    finally:
+        engine.destroy()
+    assert report["accuracy"] == 1.0 and report["accuracy_turn_1"] == 0.5  # solved within two turns, one at the first
+    assert sorted(p["greedy_solved_turn"] for p in report["prompts"]) == [1, 2] and scorer.calls == 3

@@ -241,12 +241,15 @@ def pack_episodes(episodes: list[Episode], *, pad_token_id: int) -> dict[str, to
 def episode_stats(sequences: dict[str, torch.Tensor]) -> dict[str, float]:
     """From a batch's per-episode columns ([B] each, `EPISODE_KEYS`; {} without them):
     `solved_turn_<t>`, the share of episodes solved at turn t, for t = 1 .. max(2, the
-    most turns taken); `turns_mean`; `tool_errors` and `over_budget` (counts)."""
+    most turns taken); `accuracy`, the share solved at any turn (a discounted reward
+    below 1 is still a solved episode); `turns_mean`; `tool_errors` and `over_budget`
+    (counts)."""
     if "solved_turn" not in sequences:
         return {}
     solved, turns = sequences["solved_turn"], sequences["num_turns"]
     n = max(int(solved.numel()), 1)
     stats = {f"solved_turn_{t}": float((solved == t).sum()) / n for t in range(1, max(2, int(turns.max())) + 1)}
+    stats["accuracy"] = float((solved > 0).sum()) / n
     stats["turns_mean"] = float(turns.float().mean())
     stats["tool_errors"] = int(sequences["tool_errors"].sum())
     stats["over_budget"] = int(sequences["over_budget"].sum())
