@@ -185,6 +185,7 @@ def build_multi_turn(cfg: ExperimentConfig, tokenizer, scorer: RewardScorer) -> 
         make_env=make_env, gconfig=cfg.gconfig, tokenizer=tokenizer, max_turns=m.max_turns,
         max_tokens_per_turn=m.max_tokens_per_turn, max_total_tokens=m.max_total_tokens, seed=sampling_seed(cfg),
         instruction=cfg.dataset.instruction, system_prompt=cfg.dataset.system_prompt,
+        max_prompt_tokens=cfg.dataset.max_prompt_length,
     )
 
 

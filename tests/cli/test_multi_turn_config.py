@@ -39,8 +39,9 @@ def test_arith_multiturn_is_arith_grpo_with_two_turns():
 ])
 def test_bad_multi_turn_values_are_refused_by_name(override, key):
     extra = ["multi_turn.environment=tools"] if "tools=[" in override else []
+    # Only importing the tools needs the checks of this machine's files and code.
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config("arith_multiturn", [override, *extra], check_paths=True)
+        load_config("arith_multiturn", [override, *extra], check_paths="no_such_module" in override)
 
 
 def test_the_step_record_and_plot_carry_the_per_turn_shares():

@@ -114,18 +114,25 @@ class MultiTurnWorkflow:
     `await arun_episode(engine, data)` returns a `Trajectory` (workflows/api.py), one row
     per episode, plus the per-episode columns of `EPISODE_KEYS` ([n] long).
 
-    Raises (from `arun_episode`): ChatTemplateError (see `ChatDelta`), the engine's and
-    the scorer's errors (the rollout controller counts the rollout as failed).
+    With tools, the first prompt is rendered again from the row's question (`instruction`,
+    `system_prompt`: the dataset's) with the tools' schemas, and must stay within
+    `max_prompt_tokens`.
+
+    Raises (from `arun_episode`): ChatTemplateError (see `ChatDelta`), ValueError (a
+    tools prompt over `max_prompt_tokens`), the engine's and the scorer's errors (the
+    rollout controller counts the rollout as failed).
     """
 
     def __init__(self, *, make_env, gconfig: GenerationConfig, tokenizer, max_turns: int = 2,
                  max_tokens_per_turn: Optional[int] = None, max_total_tokens: int = 1024,
-                 seed: Optional[int] = None, instruction: Optional[str] = None, system_prompt: Optional[str] = None):
+                 seed: Optional[int] = None, instruction: Optional[str] = None, system_prompt: Optional[str] = None,
+                 max_prompt_tokens: Optional[int] = None):
         self.make_env, self.gconfig, self.tokenizer, self.seed = make_env, gconfig, tokenizer, seed
         self.max_turns = max_turns
         self.max_tokens_per_turn = max_tokens_per_turn or gconfig.max_new_tokens
         self.max_total_tokens = max_total_tokens
         self.instruction, self.system_prompt = instruction, system_prompt
+        self.max_prompt_tokens = max_prompt_tokens
         self.end_of_turn_id = tokenizer.eos_token_id
         self._deltas: dict[int, ChatDelta] = {}
 
@@ -148,7 +155,12 @@ class MultiTurnWorkflow:
             question = str(prompt if prompt is not None else data["question"])
             messages = (prompt_messages(question, self.instruction, self.system_prompt) if self.instruction
                         else prompt_messages(question, system_prompt=self.system_prompt))
-        return render_ids(self.tokenizer, messages, tools=env.tools, add_generation_prompt=True)
+        ids = render_ids(self.tokenizer, messages, tools=env.tools, add_generation_prompt=True)
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            # The trainer's shapes and the servers' max_model_len are sized by it.
+            raise ValueError(f"the prompt with the tools' schemas is {len(ids)} tokens, above "
+                             f"dataset.max_prompt_length={self.max_prompt_tokens}; raise it")
+        return ids
 
     def _seed(self, data: dict, version: int, sample: int, turn: int) -> Optional[int]:
         if self.seed is None:
