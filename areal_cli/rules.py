@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from engines.config import leaf_fields
-from workflows.config import ExperimentConfig
+from workflows.config import MULTI_TURN_WORKFLOW, ExperimentConfig
 
 
 @dataclass(frozen=True)
@@ -142,13 +142,27 @@ HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("rollout.request_retries", at_least(0), "must be >= 0"),
     Rule("rollout.workers", at_least(1), "must be >= 1 (rollout worker processes)"),
     Rule("rollout.worker_restarts", at_least(0), "must be >= 0"),
-    Rule("rollout.workflow", lambda v: non_empty(v) and ":" in v,
-         "must be package.module:Class or path/to/file.py:Class, or null for RLVRWorkflow", optional=True),
+    Rule("rollout.workflow", lambda v: v == MULTI_TURN_WORKFLOW or (non_empty(v) and ":" in v),
+         "must be package.module:Class or path/to/file.py:Class, multi_turn, or null for RLVRWorkflow", optional=True),
     Rule("rollout.workflow_args", mapping, "must be a mapping of the workflow constructor's keyword arguments"),
     Rule("reward.fn", reward_entries, "must be a built-in reward name or an import path (module:function or "
          "file.py:function), a non-empty list of them, or null for the dataset's default", optional=True),
     Rule("reward.weights", lambda v: bool(list(v)) and all(_number(w) for w in v),
          "must list one finite number per reward.fn entry, or be null for 1.0 each", optional=True),
+    Rule("multi_turn.max_turns", at_least(1), "must be >= 1 (assistant turns per episode)"),
+    Rule("multi_turn.turn_discount", within(0, 1, low_open=True), "must be in (0, 1] (1: no discount)"),
+    Rule("multi_turn.max_tokens_per_turn", at_least(1), "must be >= 1 (tokens), or null for gconfig.max_new_tokens",
+         optional=True),
+    Rule("multi_turn.max_total_tokens", at_least(1), "must be >= 1 (tokens per episode after the prompt)"),
+    Rule("multi_turn.feedback", non_empty, "must be a non-empty message"),
+    Rule("multi_turn.tools", lambda v: all(non_empty(t) and (t == "python" or ":" in t) for t in v),
+         "must list python or package.module:function / path/to/file.py:function entries"),
+    Rule("multi_turn.sandbox.cpu_seconds", at_least(1), "must be >= 1 (CPU seconds)"),
+    Rule("multi_turn.sandbox.memory_mb", at_least(64), "must be >= 64 (MiB; an interpreter needs about 30)"),
+    Rule("multi_turn.sandbox.file_size_mb", at_least(1), "must be >= 1 (MiB)"),
+    Rule("multi_turn.sandbox.max_processes", at_least(0), "must be >= 0"),
+    Rule("multi_turn.sandbox.wall_seconds", greater_than(0), "must be > 0 (seconds)"),
+    Rule("multi_turn.sandbox.output_chars", at_least(100), "must be >= 100 (characters)"),
     *optimizer_rules("actor.optimizer"),
     Rule("actor.max_tokens_per_mb", at_least(1), "must be >= 1 (tokens)"),
     Rule("actor.ppo_n_minibatches", at_least(1), "must be >= 1"),

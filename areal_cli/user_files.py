@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from workflows.config import PROCEDURAL_PREFIX, ExperimentConfig
+from workflows.config import MULTI_TURN_WORKFLOW, PROCEDURAL_PREFIX, ExperimentConfig
 
 # Files that hold a tokenizer in a Hugging Face model directory, one of which must exist.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
@@ -33,7 +33,15 @@ def code_errors(cfg: ExperimentConfig) -> list[str]:
     except UserCodeError as exc:
         errors.append(str(exc))
     spec = cfg.rollout.workflow
-    if spec is not None:
+    if spec == MULTI_TURN_WORKFLOW:
+        if cfg.multi_turn.environment == "tools":
+            from workflows.rollout.tools import load_tools
+
+            try:
+                load_tools(list(cfg.multi_turn.tools))
+            except (UserCodeError, ValueError) as exc:
+                errors.append(str(exc))
+    elif spec is not None:
         try:
             workflow_keywords(load_object(spec, "rollout.workflow"), dict(cfg.rollout.workflow_args), spec)
         except UserCodeError as exc:

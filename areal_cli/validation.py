@@ -24,7 +24,7 @@ from typing import Optional
 
 from areal_cli.rules import rule_errors
 from areal_cli.user_files import user_file_errors
-from workflows.config import ExperimentConfig
+from workflows.config import MULTI_TURN_WORKFLOW, ExperimentConfig
 
 
 class ConfigError(ValueError):
@@ -38,12 +38,15 @@ class ConfigError(ValueError):
 def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
     errors = []
     actor, g, data = cfg.actor, cfg.gconfig, cfg.dataset
-    sequence = data.max_prompt_length + g.max_new_tokens
+    sequence = data.max_prompt_length + cfg.max_completion_tokens()
     if actor.max_tokens_per_mb < sequence:
+        completion = ("multi_turn.max_total_tokens" if cfg.rollout.workflow == MULTI_TURN_WORKFLOW
+                      else "gconfig.max_new_tokens")
         errors.append(
             f"actor.max_tokens_per_mb={actor.max_tokens_per_mb} cannot hold one sequence of up to {sequence} tokens "
-            f"(dataset.max_prompt_length + gconfig.max_new_tokens); raise it to at least {sequence}"
+            f"(dataset.max_prompt_length + {completion}); raise it to at least {sequence}"
         )
+    errors += _multi_turn_errors(cfg)
     if actor.overlong_buffer_tokens > g.max_new_tokens:
         errors.append(f"actor.overlong_buffer_tokens={actor.overlong_buffer_tokens} exceeds gconfig.max_new_tokens="
                       f"{g.max_new_tokens}; the penalty buffer must fit in the generation budget")
@@ -103,6 +106,25 @@ def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
             f"step (dataset.batch_size={data.batch_size} over {world_size} replica(s)), so trainer.total_epochs "
             "would not count epochs; set rollout.consumer_batch_size=null or set trainer.total_steps"
         )
+    return errors
+
+
+def _multi_turn_errors(cfg: ExperimentConfig) -> list[str]:
+    m, errors = cfg.multi_turn, []
+    if cfg.rollout.workflow != MULTI_TURN_WORKFLOW:
+        return errors
+    if cfg.rollout.workflow_args:
+        errors.append("rollout.workflow=multi_turn takes its settings from the multi_turn.* keys, not "
+                      f"rollout.workflow_args={dict(cfg.rollout.workflow_args)!r}; set rollout.workflow_args={{}}")
+    per_turn = m.max_tokens_per_turn or cfg.gconfig.max_new_tokens
+    if per_turn > m.max_total_tokens:
+        errors.append(f"multi_turn.max_total_tokens={m.max_total_tokens} is less than one turn's "
+                      f"{per_turn} tokens (multi_turn.max_tokens_per_turn, else gconfig.max_new_tokens); raise it")
+    if m.environment == "tools" and not m.tools:
+        errors.append("multi_turn.environment=tools needs multi_turn.tools, e.g. multi_turn.tools=[python]")
+    if cfg.actor.overlong_buffer_tokens:
+        errors.append(f"actor.overlong_buffer_tokens={cfg.actor.overlong_buffer_tokens} penalises one completion's length; with "
+                      "rollout.workflow=multi_turn bound episodes with multi_turn.max_total_tokens and set it to 0")
     return errors
 
 

@@ -6,7 +6,9 @@ the inference engine it is given (`await engine.agenerate(GenerationRequest(...)
 ids in, token ids, logprobs and policy versions out) and scores them. The rollout
 controller (`workflows/controller/`) runs many episodes concurrently within the staleness
 bound and hands accepted trajectories to the trainer. `workflows/rollout/rlvr.py`'s
-`RLVRWorkflow` is the shipped example: n completions of one prompt, one reward each.
+`RLVRWorkflow` is the shipped example: n completions of one prompt, one reward each;
+`workflows/rollout/multiturn.py`'s `MultiTurnWorkflow` (`rollout.workflow=multi_turn`)
+runs conversations of several turns on exact tokens (docs/multi_turn.md).
 
 Everything here is also importable from `workflows` itself (`from workflows import
 RolloutWorkflow`); the rest of the package is internals that may change.
@@ -46,7 +48,12 @@ longest prompt + completion, in tokens):
     prompt_id       [n]    long     the dataset row's `id`, to keep batches in a stable order
     epoch           [n]    long     the row's `epoch` (0 if absent), for crash recovery
 
-The rows of one trajectory form one group: GRPO normalises rewards within it."""
+The rows of one trajectory form one group: GRPO normalises rewards within it. A workflow
+may add per-sample columns ([n]) that every trajectory it returns carries: the shipped
+multi-turn workflow adds `num_turns`, `solved_turn`, `tool_errors` and `over_budget`
+(workflows/rollout/multiturn.py's EPISODE_KEYS), which reach the step's statistics. In a
+multi-turn row the completion is several runs of loss mask 1 (the sampled turns) between
+runs of 0 (the appended messages), and `versions` may differ between turns."""
 
 TRAJECTORY_KEYS = ("input_ids", "attention_mask", "loss_mask", "logprobs", "versions", "rewards", "prompt_id", "epoch")
 

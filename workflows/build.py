@@ -21,11 +21,15 @@ from engines.model import load_tokenizer, resolve_model_dir
 from engines.remote import RemoteInferenceEngine
 from engines.servers import ServerGroup, find_server_python, start_servers
 from engines.weights import publish_weights
-from workflows.config import ExperimentConfig
+from workflows.config import MULTI_TURN_WORKFLOW, ExperimentConfig
 from workflows.controller.executor import WorkflowExecutor
+from workflows.rollout.environments import RetryEnvironment, ToolEnvironment
+from workflows.rollout.multiturn import MultiTurnWorkflow
 from workflows.rollout.reward import RewardScorer
 from workflows.rollout.reward_fns import resolve_rewards
 from workflows.rollout.rlvr import RLVRWorkflow, has_reward_variance
+from workflows.rollout.sandbox import SandboxLimits
+from workflows.rollout.tools import ToolRegistry, load_tools
 from workflows.user_code import UserCodeError, load_object, workflow_keywords
 
 
@@ -94,7 +98,7 @@ def build_inference(
         initial = publish_weights(policy, weights_dir, version=0)
         servers = start_servers(
             r.backend, r.servers, initial, model_dir, run_dir / "logs", python=python,
-            max_model_len=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens + 1,
+            max_model_len=cfg.dataset.max_prompt_length + cfg.max_completion_tokens() + 1,
             dtype=r.server_dtype or cfg.model.dtype,
             extra_args=list(r.server_args), startup_timeout=r.server_startup_timeout,
         )
@@ -133,7 +137,8 @@ def build_workflow(cfg: ExperimentConfig, tokenizer, scorer: RewardScorer):
     """The rollout workflow: `rollout.workflow` built with `rollout.workflow_args` plus
     whichever of `gconfig`, `tokenizer`, `scorer` and `seed` (the sampling seed) its
     constructor takes; by default `RLVRWorkflow` (`gconfig.n_samples` completions per
-    prompt, scored by `scorer`). Every process that runs rollouts builds it here.
+    prompt, scored by `scorer`); `multi_turn` is the shipped `MultiTurnWorkflow`
+    (`build_multi_turn`). Every process that runs rollouts builds it here.
 
     Raises:
         UserCodeError: `rollout.workflow` does not load, its constructor does not take
@@ -142,6 +147,8 @@ def build_workflow(cfg: ExperimentConfig, tokenizer, scorer: RewardScorer):
     spec = cfg.rollout.workflow
     if spec is None:
         return RLVRWorkflow(gconfig=cfg.gconfig, tokenizer=tokenizer, scorer=scorer, seed=sampling_seed(cfg))
+    if spec == MULTI_TURN_WORKFLOW:
+        return build_multi_turn(cfg, tokenizer, scorer)
     factory = load_object(spec, "rollout.workflow")
     args = dict(cfg.rollout.workflow_args)
     given = {"gconfig": cfg.gconfig, "tokenizer": tokenizer, "scorer": scorer, "seed": sampling_seed(cfg)}
@@ -150,6 +157,36 @@ def build_workflow(cfg: ExperimentConfig, tokenizer, scorer: RewardScorer):
         raise UserCodeError(f"rollout.workflow={spec!r} built a {type(workflow).__name__}, which has no "
                             "arun_episode(engine, data); see workflows/api.py, RolloutWorkflow")
     return workflow
+
+
+def sandbox_limits(cfg: ExperimentConfig) -> SandboxLimits:
+    """`multi_turn.sandbox.*` as the sandbox's limits."""
+    return SandboxLimits(**dataclasses.asdict(cfg.multi_turn.sandbox))
+
+
+def build_multi_turn(cfg: ExperimentConfig, tokenizer, scorer: RewardScorer) -> MultiTurnWorkflow:
+    """`rollout.workflow=multi_turn`: a `MultiTurnWorkflow` per `multi_turn.*`, each episode
+    against a fresh `RetryEnvironment` or `ToolEnvironment` (the tools loaded once).
+
+    Raises:
+        UserCodeError: a `multi_turn.tools` entry does not load.
+        ValueError: a tool has no usable JSON schema, or two share a name.
+    """
+    m = cfg.multi_turn
+    if m.environment == "tools":
+        registry = ToolRegistry(load_tools(list(m.tools)), sandbox_limits(cfg))
+
+        def make_env():
+            return ToolEnvironment(scorer, registry, turn_discount=m.turn_discount)
+    else:
+        def make_env():
+            return RetryEnvironment(scorer, turn_discount=m.turn_discount, feedback=m.feedback)
+    return MultiTurnWorkflow(
+        make_env=make_env, gconfig=cfg.gconfig, tokenizer=tokenizer, max_turns=m.max_turns,
+        max_tokens_per_turn=m.max_tokens_per_turn, max_total_tokens=m.max_total_tokens, seed=sampling_seed(cfg),
+        instruction=cfg.dataset.instruction, system_prompt=cfg.dataset.system_prompt,
+        max_prompt_tokens=cfg.dataset.max_prompt_length,
+    )
 
 
 def build_executor(

@@ -29,6 +29,12 @@ BUILTIN_REWARDS = ("math_verify", "boxed_math_verify", "final_number", "exact_ma
 # How the reference answer is read from the answer column (workflows/data/sources.py).
 ANSWER_FORMATS = ("gsm8k", "boxed", "raw")
 PROCEDURAL_PREFIX = "reasoning_gym:"
+# The shipped multi-turn workflow, by the name `rollout.workflow` takes, and its environments
+# (workflows/rollout/multiturn.py, environments.py).
+MULTI_TURN_WORKFLOW = "multi_turn"
+MULTI_TURN_ENVIRONMENTS = ("retry", "tools")
+DEFAULT_FEEDBACK = ("Your answer is incorrect. Read the question again, check each step of your work, and give "
+                    "the final answer again.")
 # Today's instruction, which the shipped configs' results were measured with.
 DEFAULT_INSTRUCTION = "{question}\nSolve the problem step by step, then give the final answer as a number in \\boxed{}."
 
@@ -172,11 +178,61 @@ class RolloutConfig:
     workflow: Optional[str] = option(
         None,
         "The rollout workflow: package.module:Class or path/to/file.py:Class, any class with an async "
-        "arun_episode(engine, data) (workflows/api.py, RolloutWorkflow). null: RLVRWorkflow.",
+        "arun_episode(engine, data) (workflows/api.py, RolloutWorkflow); multi_turn: the shipped multi-turn "
+        "workflow, set by the multi_turn.* keys (docs/multi_turn.md). null: RLVRWorkflow.",
     )
     workflow_args: dict[str, Any] = option(
         {}, "Keyword arguments of rollout.workflow's constructor, besides the ones the run passes."
     )
+
+
+@dataclass
+class SandboxConfig:
+    """The limits of the sandboxed python tool (workflows/rollout/sandbox.py)."""
+
+    cpu_seconds: int = option(5, "CPU seconds per run (RLIMIT_CPU); the process is killed beyond them.")
+    memory_mb: int = option(512, "Address space per run, MiB (RLIMIT_AS); allocations beyond it fail.")
+    file_size_mb: int = option(8, "Largest file a run may write, its output included, MiB (RLIMIT_FSIZE).")
+    max_processes: int = option(16, "Processes a run may start besides its own (RLIMIT_NPROC and a fork count).")
+    wall_seconds: float = option(
+        10.0, "Wall-clock seconds per run (and per call of any other tool) before it is killed."
+    )
+    output_chars: int = option(2000, "Characters of a tool's output shown to the model; the middle is cut.")
+    block_network: bool = option(
+        True, "Run in a network namespace without interfaces (unshare -rn) where the OS allows it."
+    )
+
+
+@dataclass
+class MultiTurnConfig:
+    """Multi-turn episodes (`rollout.workflow=multi_turn`, workflows/rollout/multiturn.py):
+    up to max_turns assistant turns per episode on exact tokens."""
+
+    environment: str = option(
+        "retry",
+        "retry: a wrong answer gets multi_turn.feedback and another turn; tools: the model's <tool_call>s are "
+        "executed (multi_turn.tools) and their results appended, a turn without one is the final answer.",
+        choices=MULTI_TURN_ENVIRONMENTS,
+    )
+    max_turns: int = option(2, "Most assistant turns per episode.")
+    turn_discount: float = option(
+        1.0, "A right answer at turn t (from 1) earns its score x turn_discount ** (t - 1)."
+    )
+    max_tokens_per_turn: Optional[int] = option(
+        None, "Most tokens sampled per turn; null: gconfig.max_new_tokens."
+    )
+    max_total_tokens: int = option(
+        512,
+        "Most tokens per episode after the prompt (sampled and appended); an episode that would exceed it ends "
+        "with its reward so far and is counted (over_budget).",
+    )
+    feedback: str = option(DEFAULT_FEEDBACK, "environment=retry: the user message after a wrong answer.")
+    tools: list[str] = option(
+        [],
+        "environment=tools: the tools, each package.module:function or path/to/file.py:function (type hints and "
+        "a docstring with Args:, for transformers' get_json_schema), or python for the sandboxed interpreter.",
+    )
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass
@@ -285,11 +341,19 @@ class ExperimentConfig:
     gconfig: GenerationConfig = field(default_factory=GenerationConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stats_logger: StatsLoggerConfig = field(default_factory=StatsLoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def max_completion_tokens(self) -> int:
+        """The most tokens a trajectory row holds after its prompt: `gconfig.max_new_tokens`,
+        or `multi_turn.max_total_tokens` with `rollout.workflow=multi_turn`."""
+        if self.rollout.workflow == MULTI_TURN_WORKFLOW:
+            return self.multi_turn.max_total_tokens
+        return self.gconfig.max_new_tokens
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir:

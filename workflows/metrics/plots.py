@@ -22,6 +22,8 @@ PANELS = (
     ("eval_accuracy", "held-out accuracy"),
     ("entropy", "policy entropy (nats/token)"),
     ("signal_share", "groups with signal (share)"),
+    ("solved_turn_1", "episodes solved at turn 1 (share)"),
+    ("solved_turn_2", "episodes solved at turn 2 (share)"),
     ("loss", "loss"),
     ("response_length_mean", "response length (tokens)"),
     ("staleness_max", "staleness (max versions behind)"),

@@ -26,6 +26,8 @@ CONSOLE_FIELDS = (
     ("response_length_mean", "len", ".0f"),
     ("eval_accuracy", "eval acc", ".3f"),
     ("signal_share", "signal", ".2f"),
+    ("solved_turn_1", "solved@1", ".2f"),
+    ("solved_turn_2", "solved@2", ".2f"),
     ("entropy", "ent", ".3f"),
     ("loss", "loss", ".4g"),
     ("grad_norm", "gnorm", ".3g"),

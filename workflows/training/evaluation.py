@@ -16,6 +16,12 @@ error `sqrt(p (1 - p) / N)`, `pass@k` for each k of `eval.pass_k` not above
 `eval.n_samples` (the unbiased estimator of Chen et al. 2021, arXiv 2107.03374,
 averaged over prompts), and per prompt: id, reference answer, greedy completion and its
 score, and how many of the samples were correct.
+
+Multi-turn (`rollout.workflow=multi_turn`): each completion is a whole episode of the
+workflow (`MultiTurnWorkflow.aevaluate`): greedy means every turn decoded greedily, and
+the feedback or tool results being deterministic, so is the episode; correct means
+solved within `multi_turn.max_turns` turns (`accuracy`), and `accuracy_turn_1` is the
+share solved at the first turn.
 """
 
 from __future__ import annotations
@@ -46,6 +52,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+async def _evaluate_episodes(engine, workflow, row: dict, gconfig, n_samples: int) -> dict:
+    """A multi-turn workflow's own episodes (`aevaluate`): greedy at every turn, then
+    `n_samples` sampled ones; correct means solved within its turns."""
+    results = await asyncio.gather(workflow.aevaluate(engine, row, temperature=0.0),
+                                   *(workflow.aevaluate(engine, row, temperature=gconfig.temperature)
+                                     for _ in range(n_samples)))
+    text, solved, turn = results[0]
+    return {
+        "id": int(row["id"]), "answer": row["answer"], "greedy_completion": text, "greedy_correct": bool(solved),
+        "greedy_solved_turn": int(turn), "num_samples": n_samples, "num_correct": sum(bool(r[1]) for r in results[1:]),
+    }
+
+
 async def _evaluate_prompt(engine, scorer, tokenizer, row: dict, gconfig, n_samples: int, seed: Optional[int]) -> dict:
     greedy = GenerationRequest.from_gconfig(row["prompt_ids"], replace(gconfig, temperature=0.0))
     sampled = GenerationRequest.from_gconfig(row["prompt_ids"], gconfig, seed=seed)
@@ -62,15 +81,21 @@ async def _evaluate_prompt(engine, scorer, tokenizer, row: dict, gconfig, n_samp
 
 async def evaluate_rows(engine, scorer, tokenizer, rows: list[dict], gconfig, *, n_samples: int, pass_k: list[int],
                         concurrency: int, seed: Optional[int] = None,
-                        on_prompt: Optional[Callable[[], None]] = None) -> dict:
+                        on_prompt: Optional[Callable[[], None]] = None, workflow=None) -> dict:
     """Evaluate `rows` with `engine`'s `agenerate`, at most `concurrency` prompts at once;
-    returns the report described in the module docstring."""
+    returns the report described in the module docstring. A `workflow` with
+    `aevaluate(engine, row, temperature=...) -> (text, correct, solved_turn)` (the
+    multi-turn one) evaluates its own episodes instead of single completions."""
     limit = asyncio.Semaphore(max(1, concurrency))
+    episodes = workflow is not None and callable(getattr(workflow, "aevaluate", None))
 
     async def one(row: dict) -> dict:
         async with limit:
             prompt_seed = None if seed is None else hash((seed, "eval", row["id"])) % (2**31)
-            result = await _evaluate_prompt(engine, scorer, tokenizer, row, gconfig, n_samples, prompt_seed)
+            if episodes:
+                result = await _evaluate_episodes(engine, workflow, row, gconfig, n_samples)
+            else:
+                result = await _evaluate_prompt(engine, scorer, tokenizer, row, gconfig, n_samples, prompt_seed)
         if on_prompt is not None:
             on_prompt()
         return result
@@ -89,6 +114,9 @@ def summarize(prompts: list[dict], *, n_samples: int, pass_k: list[int]) -> dict
         "accuracy_se": math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan"),
         "n_samples": n_samples,
     }
+    if n and "greedy_solved_turn" in prompts[0]:
+        # Multi-turn: `accuracy` is within the episode's turns; this is at the first.
+        report["accuracy_turn_1"] = sum(p["greedy_solved_turn"] == 1 for p in prompts) / n
     for k in sorted(set(pass_k)):
         if 1 <= k <= n_samples and n:
             report[f"pass@{k}"] = sum(pass_at_k(n_samples, p["num_correct"], k) for p in prompts) / n
@@ -110,9 +138,10 @@ def write_report(report: dict, path: Path) -> Path:
     return path
 
 
-def run_evaluation(executor, inference, scorer, tokenizer, rows: list[dict], cfg, *, progress=None) -> dict:
+def run_evaluation(executor, inference, scorer, tokenizer, rows: list[dict], cfg, *, progress=None,
+                   workflow=None) -> dict:
     """Evaluate `rows` on `executor`'s event loop (see the module docstring); `progress` is
-    a rich `Progress` to draw a bar on, or None."""
+    a rich `Progress` to draw a bar on, or None; `workflow` as in `evaluate_rows`."""
     e = cfg.eval
     task = progress.add_task("evaluating", total=len(rows)) if progress is not None else None
 
@@ -126,6 +155,7 @@ def run_evaluation(executor, inference, scorer, tokenizer, rows: list[dict], cfg
         concurrency=max(cfg.rollout.max_concurrent_rollouts, cfg.gconfig.max_batch_size),
         seed=sampling_seed(cfg),
         on_prompt=advance,
+        workflow=workflow,
     )
     try:
         return executor.run_outside_bound(coroutine)
@@ -142,7 +172,14 @@ def evaluate_model(cfg) -> tuple[dict, Path]:
 
     from engines.distributed import DistributedContext
     from engines.model import load_model
-    from workflows.build import build_executor, build_inference, build_scorer, close_inference, prepare_process
+    from workflows.build import (
+        build_executor,
+        build_inference,
+        build_scorer,
+        build_workflow,
+        close_inference,
+        prepare_process,
+    )
     from workflows.data.dataset import load_eval_rows
 
     run_dir = cfg.resolved_run_dir()
@@ -156,10 +193,12 @@ def evaluate_model(cfg) -> tuple[dict, Path]:
         scorer = build_scorer(cfg)
         executor = build_executor(cfg, inference, consumer_batch_size=1)
         executor.initialize()
+        workflow = build_workflow(cfg, tokenizer, scorer)
         progress = Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             transient=True)
         with progress:
-            report = run_evaluation(executor, inference, scorer, tokenizer, rows, cfg, progress=progress)
+            report = run_evaluation(executor, inference, scorer, tokenizer, rows, cfg, progress=progress,
+                                    workflow=workflow)
     finally:
         try:
             if executor is not None:

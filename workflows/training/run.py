@@ -192,7 +192,7 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
             cfg.actor,
             policy,
             total_steps=total_steps,
-            max_sequence_tokens=cfg.dataset.max_prompt_length + cfg.gconfig.max_new_tokens,
+            max_sequence_tokens=cfg.dataset.max_prompt_length + cfg.max_completion_tokens(),
             temperature=cfg.gconfig.temperature,
             # The reference model (KL penalty) is the initial policy, also after a resume.
             ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,

@@ -64,6 +64,7 @@ from workflows.control_plane.rollouts import WorkerLauncher
 from workflows.controller.failures import RolloutFailureError
 from workflows.metrics.stats import peak_rss_gb
 from workflows.rollout.batch import staleness_stats
+from workflows.rollout.multiturn import EPISODE_KEYS, episode_stats
 from workflows.training.checkpoint_files import save_checkpoint
 from workflows.training.evaluation import run_evaluation, stats_of, write_report
 from workflows.training.recover import RecoverInfo, inject_fault_after, load_rng_state, save_recover_checkpoint
@@ -124,6 +125,7 @@ def gather_sequences(batch: dict[str, torch.Tensor], dist_ctx: DistributedContex
         else torch.zeros(len(batch["rewards"]), dtype=torch.bool),
         "epoch": batch["epoch"],
         "prompt_id": batch["prompt_id"],
+        **{key: batch[key] for key in EPISODE_KEYS if key in batch},  # multi-turn episodes' own columns
     }
     if dist_ctx.world_size > 1:
         gathered: list = [None] * dist_ctx.world_size
@@ -141,7 +143,8 @@ def batch_stats(sequences: dict[str, torch.Tensor]) -> dict[str, float]:
     """Reward, accuracy and length statistics of `gather_sequences`' output, and
     `signal_share`: the share of prompt groups with a non-zero advantage, the groups that
     can teach the policy anything (in GRPO, those whose samples did not all score the
-    same). A share falling towards 0 with the entropy is a policy that stopped exploring."""
+    same). A share falling towards 0 with the entropy is a policy that stopped exploring.
+    Multi-turn batches add `episode_stats`' `solved_turn_<t>` shares and counts."""
     rewards, lengths = sequences["rewards"], sequences["lengths"]
     groups: dict[tuple[int, int], bool] = {}
     for key, signal in zip(zip(sequences["epoch"].tolist(), sequences["prompt_id"].tolist()), sequences["signal"].tolist()):
@@ -153,6 +156,7 @@ def batch_stats(sequences: dict[str, torch.Tensor]) -> dict[str, float]:
         "response_length_mean": float(lengths.mean()),
         "response_length_max": int(lengths.max()),
         "num_sequences": int(rewards.numel()),
+        **episode_stats(sequences),
     }
 
 
@@ -187,7 +191,8 @@ def recompute_logprobs(batch: dict[str, torch.Tensor], cfg: ExperimentConfig, en
 def evaluate_held_out(cfg: ExperimentConfig, run: Run, step: int, progress) -> dict:
     """Greedy pass@1 (and pass@k) on the held-out prompts with the weights of `step`,
     through the run's rollout controller; the report goes to `<run_dir>/eval/step_<step>.json`."""
-    report = run_evaluation(run.executor, run.inference, run.scorer, run.tokenizer, run.eval_rows, cfg, progress=progress)
+    report = run_evaluation(run.executor, run.inference, run.scorer, run.tokenizer, run.eval_rows, cfg, progress=progress,
+                            workflow=run.workflow)
     run.scorer.take_means()  # the held-out scores stay out of the next step's per-function means
     write_report(report, run.run_dir / "eval" / f"step_{step}.json")
     return stats_of(report)
