@@ -25,7 +25,7 @@ STATS_BACKENDS = ("console", "jsonl", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 # The built-in reward functions, by the name `reward.fn` takes: workflows/rollout/reward_fns.py
 # maps each to its function and refuses, at import, a mapping that differs from it.
-BUILTIN_REWARDS = ("math_verify", "boxed_math_verify", "final_number", "exact_match", "reasoning_gym")
+BUILTIN_REWARDS = ("math_verify", "boxed_math_verify", "final_number", "exact_match", "reasoning_gym", "llm_judge")
 # How the reference answer is read from the answer column (workflows/data/sources.py).
 ANSWER_FORMATS = ("gsm8k", "boxed", "raw")
 PROCEDURAL_PREFIX = "reasoning_gym:"
@@ -179,6 +179,53 @@ class RolloutConfig:
     )
 
 
+# The LLM judge's default rubric (workflows/rollout/judge.py): a grade from 0 to 10.
+DEFAULT_RUBRIC = (
+    "Grade the response to the question below against the reference answer.\n\n"
+    "Question:\n{question}\n\nReference answer:\n{reference}\n\nResponse:\n{completion}\n\n"
+    "Give a grade from 0 (wrong) to 10 (correct and complete). Reply with one line: Grade: <number>"
+)
+DEFAULT_GRADE_PATTERN = r"(?i)grade\W*(-?\d+(?:\.\d+)?)"
+
+
+@dataclass
+class JudgeConfig:
+    """`reward.fn=llm_judge`: an OpenAI-compatible chat endpoint (`vllm serve`, or any URL)
+    grades each completion (workflows/rollout/judge.py)."""
+
+    base_url: str = option(
+        "http://127.0.0.1:8000/v1",
+        "The OpenAI-compatible API root of the judge (a `vllm serve MODEL` on this machine answers at "
+        "http://127.0.0.1:8000/v1).",
+    )
+    model: Optional[str] = option(None, "The judge model's name on the server; null: the first one it lists (/models).")
+    api_key_env: Optional[str] = option(
+        None,
+        "The NAME of the environment variable that holds the endpoint's API key (never the key itself); it is read "
+        "in the reward workers and never written to logs, configs or errors. null: no key.",
+    )
+    rubric: str = option(
+        DEFAULT_RUBRIC,
+        "The judge's user message: {question} (the row's prompt text), {completion} and {reference} are filled "
+        "in; write other braces doubled ({{ }}). The default asks for 'Grade: <0-10>'.",
+    )
+    system_prompt: Optional[str] = option(None, "A system message before the rubric; null: none.")
+    grade_pattern: str = option(
+        DEFAULT_GRADE_PATTERN,
+        "A regular expression whose first group captures the grade (a number) in the judge's reply; the last "
+        "match counts.",
+    )
+    min_grade: float = option(0.0, "The lowest grade; it scores 0.0.")
+    max_grade: float = option(10.0, "The highest grade; it scores 1.0 (grades in between scale linearly).")
+    temperature: float = option(0.0, "The judge's sampling temperature (0: greedy).")
+    max_tokens: int = option(256, "Most tokens of the judge's reply.")
+    timeout: float = option(30.0, "Seconds per judge request before it is retried.")
+    max_retries: int = option(
+        2, "Retries of a request that timed out, could not connect or got a 429 or 5xx answer; >= 0."
+    )
+    backoff: float = option(1.0, "Seconds before the first retry; each later retry waits twice as long as the one before.")
+
+
 @dataclass
 class RewardConfig:
     """What scores a completion (workflows/rollout/reward_fns.py; the contract is
@@ -187,10 +234,11 @@ class RewardConfig:
     fn: Any = option(
         None,
         "The reward function: a built-in name (math_verify, boxed_math_verify, final_number, exact_match, "
-        "reasoning_gym), package.module:function or path/to/file.py:function; a list of them for a weighted sum. "
+        "reasoning_gym, llm_judge: an LLM grades it, see reward.judge), package.module:function or path/to/file.py:function; a list of them for a weighted sum. "
         "null: reasoning_gym for reasoning_gym:<task> datasets, else math_verify.",
     )
     weights: Optional[list[float]] = option(None, "One weight per reward.fn entry; null: 1.0 each.")
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
