@@ -207,6 +207,8 @@ HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("actor.kl_ctl", at_least(0), "must be >= 0 (0 disables the KL penalty)"),
     Rule("actor.overlong_buffer_tokens", at_least(0), "must be >= 0 (tokens; 0 disables the overlong penalty)"),
     Rule("actor.overlong_penalty", at_least(0), "must be >= 0 (reward lost at gconfig.max_new_tokens)"),
+    Rule("actor.recompute_logprob", lambda v: isinstance(v, bool), "must be true, false, or null to recompute "
+         "when the trainer's precision differs from the sampler's", optional=True),
     Rule("actor.behav_imp_weight_cap", greater_than(1), "must be > 1, or null for no cap", optional=True),
     Rule("actor.tis_cap", at_least(1), "must be >= 1 (Yao et al. use 2), or null for no truncated importance sampling",
          optional=True),
