@@ -1,7 +1,7 @@
 """The first PPO ratio of a step, when the trainer and the sampler compute in different
 precisions (issue 24, item 7).
 
-    .venv/bin/python benchmarks/first_ratio.py          # ~5-8 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/first_ratio.py --prompts 1 --samples 2 --max-new-tokens 16   # the run in docs/benchmarks.md
 
 SmolLM2-135M-Instruct (float32 weights), the first `--prompts` GSM8K train prompts x
 `--samples` completions of up to `--max-new-tokens` tokens at temperature 1.0, as

@@ -4,16 +4,16 @@ The clipped surrogate's ratio is pi_train / pi_old per token. With `pi_old` the 
 logprobs, the ratio of a token sampled by the current weights starts at 1 only if the
 sampler and the trainer compute alike. They do not when the trainer autocasts to bf16
 (`actor.mixed_precision`) and the sampler computes in float32 (or a server in another
-dtype): SmolLM2-135M's first ratios are then 0.013 nats per token off on average and up to
-0.06, and none of them is 1 (benchmarks/first_ratio.py, docs/benchmarks.md). Decoding under
-the same autocast does not remove it (0.018 nats: the sampler's decode shapes and its bf16
-LM head differ from the trainer's), truncated importance sampling (`actor.tis_cap`, Yao et
-al., 2025) corrects the loss's weight but needs the trainer's logprobs as the anchor
-anyway, and recomputing the anchor with the trainer's own forward pass makes the first
-ratio exactly 1 for one no-grad forward (about 15% of a training forward + backward). So
-`actor.recompute_logprob=null` (the default) recomputes when the precisions differ, and
-only for the tokens the current weights sampled: for an older version's tokens the
-sampler's logprobs are the behaviour policy the correction needs.
+dtype): SmolLM2-135M's first ratios were 0.013 nats per token off on average and up to
+0.06 (a 32-token run of benchmarks/first_ratio.py, docs/benchmarks.md), none of them 1.
+Decoding under the same autocast does not remove it (0.018 nats: the sampler's decode
+shapes and its bf16 LM head differ from the trainer's), truncated importance sampling
+(`actor.tis_cap`, Yao et al., 2025) corrects the loss's weight but needs the trainer's
+logprobs as the anchor anyway, and recomputing the anchor with the trainer's own forward
+pass makes the first ratio exactly 1 for one no-grad forward (about 15% of a training
+forward + backward). So `actor.recompute_logprob=null` (the default) recomputes when the
+precisions differ, and only for the tokens the current weights sampled: for an older
+version's tokens the sampler's logprobs are the behaviour policy the correction needs.
 """
 
 from __future__ import annotations
