@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,6 +31,7 @@ class Rule:
     ok: Callable[[Any], bool]
     requirement: str
     optional: bool = False  # None is allowed (it means "use the default behaviour")
+    secret: bool = False  # the refusal does not quote the value (it may be a credential pasted by mistake)
 
 
 def _number(value: Any) -> bool:
@@ -82,6 +84,33 @@ def reward_entries(v: Any) -> bool:
 
 def mapping(v: Any) -> bool:
     return hasattr(v, "keys") and all(isinstance(k, str) for k in v)
+
+
+def env_name(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) is not None
+
+
+def http_url(v: Any) -> bool:
+    return isinstance(v, str) and re.match(r"https?://[^/\s]+", v) is not None and not any(c.isspace() for c in v)
+
+
+def rubric(v: Any) -> bool:
+    """A judge rubric: a template with {completion}, and no placeholders besides
+    {question}, {completion}, {reference}."""
+    from workflows.rollout.judge import PLACEHOLDERS, rubric_fields
+
+    try:
+        fields = rubric_fields(v) if isinstance(v, str) else None
+    except ValueError:
+        return False
+    return fields is not None and "completion" in fields and fields <= set(PLACEHOLDERS)
+
+
+def grade_pattern(v: Any) -> bool:
+    try:
+        return isinstance(v, str) and re.compile(v).groups >= 1
+    except re.error:
+        return False
 
 
 # Keys without `choices` in their metadata whose values are not all fine.
@@ -163,6 +192,24 @@ HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("multi_turn.sandbox.max_processes", at_least(0), "must be >= 0"),
     Rule("multi_turn.sandbox.wall_seconds", greater_than(0), "must be > 0 (seconds)"),
     Rule("multi_turn.sandbox.output_chars", at_least(100), "must be >= 100 (characters)"),
+    Rule("reward.judge.base_url", http_url, "must be an http:// or https:// URL such as http://127.0.0.1:8000/v1"),
+    Rule("reward.judge.model", non_empty, "must name the judge model, or null for the first one the server lists",
+         optional=True),
+    Rule("reward.judge.api_key_env", env_name, "must be the NAME of an environment variable that holds the key "
+         "(letters, digits, _), never the key itself, or null for no key", optional=True, secret=True),
+    Rule("reward.judge.rubric", rubric, "must contain {completion}, and no placeholders but {question}, "
+         "{completion}, {reference} (write other braces doubled: {{ }})"),
+    Rule("reward.judge.system_prompt", lambda v: isinstance(v, str), "must be a text, or null for none",
+         optional=True),
+    Rule("reward.judge.grade_pattern", grade_pattern,
+         "must be a regular expression whose first group captures the grade, e.g. Grade: (\\d+)"),
+    Rule("reward.judge.min_grade", _number, "must be a finite number"),
+    Rule("reward.judge.max_grade", _number, "must be a finite number"),
+    Rule("reward.judge.temperature", at_least(0), "must be >= 0 (0 is greedy)"),
+    Rule("reward.judge.max_tokens", at_least(1), "must be >= 1 (tokens)"),
+    Rule("reward.judge.timeout", greater_than(0), "must be > 0 (seconds per request)"),
+    Rule("reward.judge.max_retries", at_least(0), "must be >= 0"),
+    Rule("reward.judge.backoff", at_least(0), "must be >= 0 (seconds before the first retry)"),
     *optimizer_rules("actor.optimizer"),
     Rule("actor.max_tokens_per_mb", at_least(1), "must be >= 1 (tokens)"),
     Rule("actor.ppo_n_minibatches", at_least(1), "must be >= 1"),
@@ -174,6 +221,8 @@ HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("actor.kl_ctl", at_least(0), "must be >= 0 (0 disables the KL penalty)"),
     Rule("actor.overlong_buffer_tokens", at_least(0), "must be >= 0 (tokens; 0 disables the overlong penalty)"),
     Rule("actor.overlong_penalty", at_least(0), "must be >= 0 (reward lost at gconfig.max_new_tokens)"),
+    Rule("actor.recompute_logprob", lambda v: isinstance(v, bool), "must be true, false, or null to recompute "
+         "when the trainer's precision differs from the sampler's", optional=True),
     Rule("actor.behav_imp_weight_cap", greater_than(1), "must be > 1, or null for no cap", optional=True),
     Rule("actor.tis_cap", at_least(1), "must be >= 1 (Yao et al. use 2), or null for no truncated importance sampling",
          optional=True),
@@ -236,5 +285,6 @@ def rule_errors(cfg: ExperimentConfig) -> list[str]:
         if value is None and rule.optional:
             continue
         if not rule.ok(value):
-            errors.append(f"{rule.key}={value!r} is invalid; it {rule.requirement}")
+            shown = "<not shown>" if rule.secret else repr(value)
+            errors.append(f"{rule.key}={shown} is invalid; it {rule.requirement}")
     return errors

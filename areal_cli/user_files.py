@@ -9,6 +9,7 @@ Each check yields one-line refusals; `areal_cli/validation.py` raises the first 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def code_errors(cfg: ExperimentConfig) -> list[str]:
         resolve_rewards(cfg)
     except UserCodeError as exc:
         errors.append(str(exc))
+    key_env = cfg.reward.judge.api_key_env
+    if "llm_judge" in reward_specs(cfg) and key_env and not os.environ.get(key_env):
+        errors.append(f"reward.judge.api_key_env={key_env} names an environment variable that is not set; export "
+                      f"{key_env} with the judge's API key, or set reward.judge.api_key_env=null")
     spec = cfg.rollout.workflow
     if spec == MULTI_TURN_WORKFLOW:
         if cfg.multi_turn.environment == "tools":

@@ -66,6 +66,9 @@ def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
         errors.append(f"actor.tis_cap={actor.tis_cap} with actor.use_decoupled_loss=true would correct the sampler "
                       "twice (the decoupled loss's behaviour weight already does, capped by actor.behav_imp_weight_cap); "
                       "turn one of them off")
+    judge = cfg.reward.judge
+    if judge.max_grade <= judge.min_grade:
+        errors.append(f"reward.judge.max_grade={judge.max_grade} must exceed reward.judge.min_grade={judge.min_grade}")
     group_mean = actor.group_reward_norm and actor.adv_estimator in ("grpo", "reinforce_plus_plus")
     group_baseline = group_mean or actor.adv_estimator == "rloo"
     if actor.adv_estimator == "rloo" and g.n_samples == 1:

@@ -232,10 +232,12 @@ class ActorConfig:
         "DAPO's dynamic sampling: drop prompt groups whose rewards are all equal (no advantage, no gradient) and "
         "keep generating until the batch is full.",
     )
-    recompute_logprob: bool = option(
-        False,
+    recompute_logprob: Optional[bool] = option(
+        None,
         "Recompute logprobs with the current weights before the update: the proximal policy of the decoupled loss "
-        "(the trust-region anchor), or the PPO anchor without it.",
+        "(the trust-region anchor), or the PPO anchor without it. null: only when the trainer computes in another "
+        "precision than the sampler (mixed_precision bf16 against a float32 sampler), and only the anchors of the "
+        "tokens the current weights sampled, so the first PPO ratio is 1 (benchmarks/first_ratio.py).",
     )
     use_decoupled_loss: bool = option(False, "AReaL's decoupled PPO objective (needs recompute_logprob).")
     behav_imp_weight_cap: Optional[float] = option(

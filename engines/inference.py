@@ -24,6 +24,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessorList, PreTrainedModel, StaticCache, StoppingCriteria, StoppingCriteriaList
 
 from engines.config import GenerationConfig
+from engines.factories import autocast
 from engines.logprobs import SampledTokenLogprobs
 
 FAULT_ENV = "AREAL_FAULT_GENERATE_FROM_VERSION"
@@ -169,6 +170,9 @@ class LocalInferenceEngine:
             generation runs while the trainer updates the weights (synchronous RL, where
             the staleness bound leaves no rollout running during a training step). A
             private copy (the default) is moved to eval mode and frozen.
+        autocast_dtype: decode under `torch.autocast` to this dtype (e.g. the trainer's
+            bf16 mixed precision); None: in the weights' dtype. benchmarks/first_ratio.py
+            measures what it does to the first PPO ratio.
     """
 
     def __init__(
@@ -179,8 +183,10 @@ class LocalInferenceEngine:
         pad_token_id: int,
         max_batch_size: int = 64,
         shares_weights: bool = False,
+        autocast_dtype: Optional[torch.dtype] = None,
     ):
         self.shares_weights = shares_weights
+        self.autocast_dtype = autocast_dtype
         self.model = model if shares_weights else model.eval().requires_grad_(False)
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -310,7 +316,8 @@ class LocalInferenceEngine:
         was_training = self.model.training  # a shared policy is in train mode between steps
         self.model.eval()
         try:
-            out = self._generate(input_ids, attention_mask, first, stop_ids, recorder)
+            with autocast(self.autocast_dtype, self.model.device):
+                out = self._generate(input_ids, attention_mask, first, stop_ids, recorder)
         finally:
             self.model.train(was_training)
         if self._destroyed.is_set():

@@ -15,6 +15,16 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from engines.config import MODEL_DTYPES, ActorConfig, CriticConfig, GenerationConfig, ModelConfig, option
+from workflows.episode_config import (  # noqa: F401 - part of the schema, re-exported
+    BUILTIN_REWARDS,
+    DEFAULT_FEEDBACK,
+    MULTI_TURN_ENVIRONMENTS,
+    MULTI_TURN_WORKFLOW,
+    JudgeConfig,
+    MultiTurnConfig,
+    RewardConfig,
+    SandboxConfig,
+)
 
 # The valid values of the string-typed keys, named by the fields below as `choices`.
 ROLLOUT_BACKENDS = ("local", "vllm", "sglang")
@@ -23,18 +33,9 @@ DEPLOYMENT_MODES = ("local_colocated", "dataflow_colocated", "disaggregated")
 METADATA_STORES = ("noop", "memory", "sqlite")
 STATS_BACKENDS = ("console", "jsonl", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
-# The built-in reward functions, by the name `reward.fn` takes: workflows/rollout/reward_fns.py
-# maps each to its function and refuses, at import, a mapping that differs from it.
-BUILTIN_REWARDS = ("math_verify", "boxed_math_verify", "final_number", "exact_match", "reasoning_gym")
 # How the reference answer is read from the answer column (workflows/data/sources.py).
 ANSWER_FORMATS = ("gsm8k", "boxed", "raw")
 PROCEDURAL_PREFIX = "reasoning_gym:"
-# The shipped multi-turn workflow, by the name `rollout.workflow` takes, and its environments
-# (workflows/rollout/multiturn.py, environments.py).
-MULTI_TURN_WORKFLOW = "multi_turn"
-MULTI_TURN_ENVIRONMENTS = ("retry", "tools")
-DEFAULT_FEEDBACK = ("Your answer is incorrect. Read the question again, check each step of your work, and give "
-                    "the final answer again.")
 # Today's instruction, which the shipped configs' results were measured with.
 DEFAULT_INSTRUCTION = "{question}\nSolve the problem step by step, then give the final answer as a number in \\boxed{}."
 
@@ -184,69 +185,6 @@ class RolloutConfig:
     workflow_args: dict[str, Any] = option(
         {}, "Keyword arguments of rollout.workflow's constructor, besides the ones the run passes."
     )
-
-
-@dataclass
-class SandboxConfig:
-    """The limits of the sandboxed python tool (workflows/rollout/sandbox.py)."""
-
-    cpu_seconds: int = option(5, "CPU seconds per run (RLIMIT_CPU); the process is killed beyond them.")
-    memory_mb: int = option(512, "Address space per run, MiB (RLIMIT_AS); allocations beyond it fail.")
-    file_size_mb: int = option(8, "Largest file a run may write, its output included, MiB (RLIMIT_FSIZE).")
-    max_processes: int = option(16, "Processes a run may start besides its own (RLIMIT_NPROC and a fork count).")
-    wall_seconds: float = option(
-        10.0, "Wall-clock seconds per run (and per call of any other tool) before it is killed."
-    )
-    output_chars: int = option(2000, "Characters of a tool's output shown to the model; the middle is cut.")
-    block_network: bool = option(
-        True, "Run in a network namespace without interfaces (unshare -rn) where the OS allows it."
-    )
-
-
-@dataclass
-class MultiTurnConfig:
-    """Multi-turn episodes (`rollout.workflow=multi_turn`, workflows/rollout/multiturn.py):
-    up to max_turns assistant turns per episode on exact tokens."""
-
-    environment: str = option(
-        "retry",
-        "retry: a wrong answer gets multi_turn.feedback and another turn; tools: the model's <tool_call>s are "
-        "executed (multi_turn.tools) and their results appended, a turn without one is the final answer.",
-        choices=MULTI_TURN_ENVIRONMENTS,
-    )
-    max_turns: int = option(2, "Most assistant turns per episode.")
-    turn_discount: float = option(
-        1.0, "A right answer at turn t (from 1) earns its score x turn_discount ** (t - 1)."
-    )
-    max_tokens_per_turn: Optional[int] = option(
-        None, "Most tokens sampled per turn; null: gconfig.max_new_tokens."
-    )
-    max_total_tokens: int = option(
-        512,
-        "Most tokens per episode after the prompt (sampled and appended); an episode that would exceed it ends "
-        "with its reward so far and is counted (over_budget).",
-    )
-    feedback: str = option(DEFAULT_FEEDBACK, "environment=retry: the user message after a wrong answer.")
-    tools: list[str] = option(
-        [],
-        "environment=tools: the tools, each package.module:function or path/to/file.py:function (type hints and "
-        "a docstring with Args:, for transformers' get_json_schema), or python for the sandboxed interpreter.",
-    )
-    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
-
-
-@dataclass
-class RewardConfig:
-    """What scores a completion (workflows/rollout/reward_fns.py; the contract is
-    workflows/api.py's `RewardFn`)."""
-
-    fn: Any = option(
-        None,
-        "The reward function: a built-in name (math_verify, boxed_math_verify, final_number, exact_match, "
-        "reasoning_gym), package.module:function or path/to/file.py:function; a list of them for a weighted sum. "
-        "null: reasoning_gym for reasoning_gym:<task> datasets, else math_verify.",
-    )
-    weights: Optional[list[float]] = option(None, "One weight per reward.fn entry; null: 1.0 each.")
 
 
 @dataclass

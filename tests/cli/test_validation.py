@@ -303,3 +303,39 @@ def test_inference_server_settings(tmp_path, monkeypatch):
     python = tmp_path / "py"
     python.write_text("")
     assert load_config("smoke", ["rollout.backend=vllm", f"rollout.server_python={python}"]).rollout.backend == "vllm"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("reward.judge.base_url=127.0.0.1:8000", "must be an http:// or https:// URL"),
+    ("reward.judge.rubric='Grade {answer}'", "must contain {completion}"),
+    ("reward.judge.rubric='{completion} {response}'", "no placeholders but {question}, {completion}, {reference}"),
+    ("reward.judge.rubric='{completion} {'", "must contain {completion}"),
+    ("reward.judge.grade_pattern='Grade: \\d+'", "whose first group captures the grade"),
+    ("reward.judge.grade_pattern='Grade: (\\d+'", "whose first group captures the grade"),
+    ("reward.judge.timeout=0", "must be > 0 (seconds per request)"),
+    ("reward.judge.max_retries=-1", "must be >= 0"),
+    ("reward.judge.max_tokens=0", "must be >= 1"),
+    ("reward.judge.backoff=-1", "must be >= 0"),
+])
+def test_judge_settings_are_checked(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", ["reward.fn=llm_judge", override])
+    assert str(info.value).startswith(_key(override) + "=") and fragment in str(info.value)
+
+
+def test_judge_grade_range_and_api_key_variable(monkeypatch):
+    with pytest.raises(ConfigError, match=r"reward.judge.max_grade=1.0 must exceed reward.judge.min_grade=1.0"):
+        load_config("smoke", ["reward.fn=llm_judge", "reward.judge.min_grade=1", "reward.judge.max_grade=1"])
+    # A key pasted where the variable's name belongs is refused without being quoted.
+    pasted = "sk-proj-PastedKey0123456789"
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", ["reward.fn=llm_judge", f"reward.judge.api_key_env={pasted}-x"])
+    assert "never the key itself" in str(info.value) and "PastedKey" not in str(info.value)
+    monkeypatch.delenv("AREAL_TEST_UNSET_KEY", raising=False)
+    with pytest.raises(ConfigError, match="reward.judge.api_key_env=AREAL_TEST_UNSET_KEY names an environment variable "
+                                          "that is not set"):
+        load_config("smoke", ["reward.fn=llm_judge", "reward.judge.api_key_env=AREAL_TEST_UNSET_KEY"])
+    monkeypatch.setenv("AREAL_TEST_UNSET_KEY", "k")
+    cfg = load_config("smoke", ["reward.fn=[math_verify,llm_judge]", "reward.weights=[1,0.5]",
+                                "reward.judge.api_key_env=AREAL_TEST_UNSET_KEY", "reward.judge.model=qwen"])
+    assert cfg.reward.judge.model == "qwen"

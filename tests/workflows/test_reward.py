@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import REPO, cli_env
 from workflows.config import BUILTIN_REWARDS
 from workflows.rollout.reward import RewardFunctionError, RewardScorer
-from workflows.rollout.reward_fns import REWARD_FUNCTIONS
+from workflows.rollout.reward_fns import CONFIGURED_REWARDS, REWARD_FUNCTIONS
 
 
 def slow_reward(completion: str, reference: str) -> float:
@@ -151,9 +151,10 @@ def test_many_faults_among_good_completions_are_each_counted_once():
 
 
 def test_builtin_rewards_are_one_list():
-    """REWARD_FUNCTIONS maps exactly the built-in names reward.fn accepts, and a mismatch
-    fails the import of workflows/rollout/reward_fns.py."""
-    assert set(REWARD_FUNCTIONS) == set(BUILTIN_REWARDS)
+    """REWARD_FUNCTIONS and CONFIGURED_REWARDS map exactly the built-in names reward.fn
+    accepts, and a mismatch fails the import of workflows/rollout/reward_fns.py."""
+    assert set(REWARD_FUNCTIONS) | set(CONFIGURED_REWARDS) == set(BUILTIN_REWARDS)
+    assert not set(REWARD_FUNCTIONS) & set(CONFIGURED_REWARDS)
     code = (
         "import workflows.config as c\n"
         "c.BUILTIN_REWARDS = c.BUILTIN_REWARDS + ('latex',)\n"

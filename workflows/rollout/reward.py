@@ -173,7 +173,8 @@ class RewardScorer:
         given = {"prompt": prompt, "row": dict(row) if row is not None else {}}
         return [
             self._pool.schedule(call_reward, args=(term.target, completion, reference,
-                                                   {k: given[k] for k in term.keywords}), timeout=self.timeout)
+                                                   {k: given[k] for k in term.keywords}),
+                                timeout=term.timeout or self.timeout)
             for term in self.terms
         ]
 
@@ -194,7 +195,8 @@ class RewardScorer:
         try:
             raw = future.result()
         except concurrent.futures.TimeoutError:
-            return self._record(term, 0.0, failed=True, timeout=True, reason=f"timed out after {self.timeout}s")
+            return self._record(term, 0.0, failed=True, timeout=True,
+                                reason=f"timed out after {term.timeout or self.timeout}s")
         except ProcessExpired as exc:
             return self._record(term, 0.0, failed=True, crashed=True, reason=f"the worker process died ({exc})")
         except Exception as exc:  # noqa: BLE001 - whatever the function raised

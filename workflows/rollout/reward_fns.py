@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from workflows.config import BUILTIN_REWARDS, PROCEDURAL_PREFIX, ExperimentConfig
+from workflows.config import BUILTIN_REWARDS, PROCEDURAL_PREFIX, ExperimentConfig, JudgeConfig
 from workflows.data.answers import last_boxed
 from workflows.user_code import UserCodeError, is_import_path, load_object, reward_keywords
 
@@ -99,8 +99,8 @@ def reasoning_gym_reward(completion: str, reference: str, row: dict) -> float:
 _RG_SCORERS: dict[str, Callable] = {}
 
 # reward.fn name -> the built-in function. The names are listed once, as BUILTIN_REWARDS
-# (workflows/config.py); a name without a function here, or a function for no name, fails
-# this module's import.
+# (workflows/config.py); a name without a function here (or in CONFIGURED_REWARDS), or a
+# function for no name, fails this module's import.
 REWARD_FUNCTIONS = {
     "math_verify": math_verify_reward,
     "boxed_math_verify": boxed_math_verify_reward,
@@ -108,10 +108,12 @@ REWARD_FUNCTIONS = {
     "exact_match": exact_match_reward,
     "reasoning_gym": reasoning_gym_reward,
 }
-if set(REWARD_FUNCTIONS) != set(BUILTIN_REWARDS):
+# Built-ins made from settings (`reward.judge`): name -> the settings' class.
+CONFIGURED_REWARDS = {"llm_judge": JudgeConfig}
+if set(REWARD_FUNCTIONS) | set(CONFIGURED_REWARDS) != set(BUILTIN_REWARDS):
     raise ImportError(
-        f"REWARD_FUNCTIONS maps {', '.join(REWARD_FUNCTIONS)} but workflows.config.BUILTIN_REWARDS lists "
-        f"{', '.join(BUILTIN_REWARDS)}; make them name the same functions"
+        f"REWARD_FUNCTIONS and CONFIGURED_REWARDS map {', '.join([*REWARD_FUNCTIONS, *CONFIGURED_REWARDS])} but "
+        f"workflows.config.BUILTIN_REWARDS lists {', '.join(BUILTIN_REWARDS)}; make them name the same functions"
     )
 
 
@@ -134,21 +136,31 @@ class RewardTerm:
             import path (a file path made absolute), loaded once per worker.
         keywords: which of `prompt`, `row` it takes.
         weight: its factor in the summed reward.
+        timeout: seconds per call, in place of the scorer's (`rollout.reward_timeout`);
+            None: the scorer's. The LLM judge's is its own deadline, every retry included.
     """
 
     name: str
     target: Any
     keywords: frozenset[str]
     weight: float = 1.0
+    timeout: Optional[float] = None
 
 
-def resolve_reward(entry: Any, weight: float = 1.0, key: str = "reward.fn") -> RewardTerm:
+def resolve_reward(entry: Any, weight: float = 1.0, key: str = "reward.fn",
+                   judge: Optional[JudgeConfig] = None) -> RewardTerm:
     """A `reward.fn` entry (a built-in name, an import path, or a callable) as a
-    `RewardTerm`, its signature checked.
+    `RewardTerm`, its signature checked; `llm_judge` with the `judge` settings (default:
+    `JudgeConfig()`).
 
     Raises:
         UserCodeError: an unknown name, a path that does not load, or a wrong signature.
     """
+    if entry == "llm_judge":
+        from workflows.rollout.judge import LLMJudge
+
+        fn = LLMJudge(judge if judge is not None else JudgeConfig())
+        return RewardTerm(entry, fn, frozenset({"prompt", "row"}), weight, timeout=fn.deadline)
     if callable(entry):
         return RewardTerm(getattr(entry, "__name__", repr(entry)), entry, reward_keywords(entry, repr(entry), key), weight)
     if not isinstance(entry, str) or not entry.strip():
@@ -184,7 +196,7 @@ def resolve_rewards(cfg: ExperimentConfig) -> list[RewardTerm]:
     if weights is not None and len(weights) != len(specs):
         raise UserCodeError(f"reward.weights={list(weights)} gives {len(weights)} weights for {len(specs)} reward "
                             f"functions ({', '.join(map(str, specs))}); give one per reward.fn entry, or null")
-    return [resolve_reward(spec, 1.0 if weights is None else float(w)) for spec, w in
+    return [resolve_reward(spec, 1.0 if weights is None else float(w), judge=cfg.reward.judge) for spec, w in
             zip(specs, weights if weights is not None else [1.0] * len(specs))]
 
 

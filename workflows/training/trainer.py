@@ -11,7 +11,9 @@ The run's parts (model, data, sampler, trainer, reward, rollout controller) are 
      `rollout.max_head_offpolicyness` (0: synchronous RL);
   2. turns rewards into advantages (`actor.adv_estimator`: GRPO's group-normalised
      ones, RLOO, REINFORCE++, or GAE from a critic, which is trained after the policy);
-  3. optionally recomputes proximal logprobs (decoupled PPO, AReaL);
+  3. recomputes logprobs where the loss needs the trainer's own (workflows/training/anchors.py):
+     the proximal policy of decoupled PPO (AReaL), or the anchor of the tokens the current
+     weights sampled when the trainer computes in another precision than the sampler;
   4. updates the policy with the clipped PPO objective (engines/train_engine.py), then
      acknowledges the batch's samples in the metadata store (durable deployment modes,
      workflows/control_plane/modes.py);
@@ -65,6 +67,7 @@ from workflows.controller.failures import RolloutFailureError
 from workflows.metrics.stats import peak_rss_gb
 from workflows.rollout.batch import staleness_stats
 from workflows.rollout.multiturn import EPISODE_KEYS, episode_stats
+from workflows.training.anchors import logprob_agreement, recompute_logprobs  # noqa: F401 - re-exported
 from workflows.training.checkpoint_files import save_checkpoint
 from workflows.training.evaluation import run_evaluation, stats_of, write_report
 from workflows.training.recover import RecoverInfo, inject_fault_after, load_rng_state, save_recover_checkpoint
@@ -158,34 +161,6 @@ def batch_stats(sequences: dict[str, torch.Tensor]) -> dict[str, float]:
         "num_sequences": int(rewards.numel()),
         **episode_stats(sequences),
     }
-
-
-def logprob_agreement(batch: dict[str, torch.Tensor], recomputed: torch.Tensor, version: int) -> dict[str, float]:
-    """Mean |sampler logprob - trainer logprob| (nats per token) over the trained tokens
-    sampled by the current policy version, where the two should agree up to numerics
-    (mixed precision, batch shapes); NaN when no token is that fresh."""
-    fresh = batch["loss_mask"].bool() & (batch["versions"] == version)
-    diff = (batch["logprobs"] - recomputed).abs()[fresh]
-    return {"logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else float("nan")}
-
-
-def recompute_logprobs(batch: dict[str, torch.Tensor], cfg: ExperimentConfig, engine, version: int) -> dict:
-    """With `actor.recompute_logprob`, the trainer's logprobs of the batch under the
-    current weights (`engine.compute_logp`), put where the loss reads them: `prox_logp`
-    for the decoupled loss, else `logprobs`, the PPO anchor, the sampler's then kept as
-    `sampler_logp` for truncated importance sampling (`actor.tis_cap`). Returns
-    `logprob_agreement`'s statistics ({} without recomputation)."""
-    if not cfg.actor.recompute_logprob:
-        return {}
-    recomputed = engine.compute_logp(batch)
-    extra = logprob_agreement(batch, recomputed, version)
-    if cfg.actor.use_decoupled_loss:
-        batch["prox_logp"] = recomputed
-        return extra
-    if cfg.actor.tis_cap is not None:
-        batch["sampler_logp"] = batch["logprobs"]
-    batch["logprobs"] = recomputed
-    return extra
 
 
 def evaluate_held_out(cfg: ExperimentConfig, run: Run, step: int, progress) -> dict:
