@@ -17,7 +17,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional, Protocol, runtime_checkable
+from typing import Iterable, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
@@ -210,15 +210,33 @@ class LocalInferenceEngine:
     def resume(self) -> None:
         self._running.set()
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new policy weights in, between batches (blocks until the copy is done);
-        nothing to do when the engine shares the trainer's weights."""
+        nothing to do when the engine shares the trainer's weights. `state_dict` is a
+        mapping, or (name, tensor) pairs consumed one at a time (a sharded trainer
+        gathers each tensor as it is asked for: `engines.parallel.full_tensors`).
+
+        Raises:
+            RuntimeError: names or shapes that do not match the model (pairs: a name
+                missing, unknown, or of another shape).
+        """
         if not self.shares_weights:
             self._worker.submit(self._load, state_dict).result()
 
-    def _load(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def _load(self, state_dict) -> None:
         with torch.no_grad():
-            self.model.load_state_dict(state_dict, strict=True)
+            if isinstance(state_dict, Mapping):
+                self.model.load_state_dict(state_dict, strict=True)
+                return
+            own = self.model.state_dict()
+            seen = set()
+            for name, tensor in state_dict:
+                if name not in own or own[name].shape != tensor.shape:
+                    raise RuntimeError(f"weight {name} {tuple(tensor.shape)} does not match the sampler's model")
+                own[name].copy_(tensor)
+                seen.add(name)
+            if missing := sorted(set(own) - seen):
+                raise RuntimeError(f"weights missing from the update: {missing[:5]}")
 
     def generate_blocking(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:
         """`generate` on the engine's worker thread, for callers without an event loop
