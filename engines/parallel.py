@@ -20,6 +20,7 @@ synchronisation and clipping, and for full tensors when weights leave the traine
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -73,6 +74,9 @@ def apply_fsdp2(
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    # The engine never changes a forward pass's output in place (the case this warning is
+    # about); hidden states sliced for the LM head are views, and it would fire every step.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)

@@ -51,12 +51,14 @@ def _train_worker(rank: int, world_size: int, port: int, model_dir: str, out_dir
         engine = make_engine(model_dir, "fsdp2", ctx)
         embedding = engine.model.get_input_embeddings().weight
         assert engine.sharded and embedding.to_local().shape[0] == embedding.shape[0] // world_size
+        logp = engine.compute_logp(shard(synthetic_batch(seed=0), rank, world_size))
         losses, norms = [], []
         for step in range(STEPS):
             stats = engine.train_batch(shard(synthetic_batch(seed=step), rank, world_size))
             losses.append(stats.loss)
             norms.append(stats.grad_norm)
         weights = dict(full_tensors(engine.model))  # every rank takes part in each gather
+        torch.save(logp, Path(out_dir) / f"logp{rank}.pt")
         if rank == 0:
             torch.save(weights, Path(out_dir) / "weights.pt")
             (Path(out_dir) / "stats.json").write_text(json.dumps({"losses": losses, "norms": norms}))
@@ -77,6 +79,9 @@ def test_two_fsdp2_ranks_train_as_one_process(tmp_path, model_dir):
     torch.manual_seed(0)
     reference = make_engine(str(model_dir), "ddp")
     torch.use_deterministic_algorithms(False)
+    logp = reference.compute_logp(synthetic_batch(seed=0))
+    for rank in range(2):  # the sharded forward pass scores as the whole model does
+        torch.testing.assert_close(torch.load(tmp_path / f"logp{rank}.pt"), shard({"x": logp}, rank, 2)["x"])
     losses, norms = [], []
     for step in range(STEPS):
         stats = reference.train_batch(synthetic_batch(seed=step))
