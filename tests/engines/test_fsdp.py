@@ -19,6 +19,7 @@ from engines.parallel import full_tensors
 from engines.train_engine import TrainEngine
 from tests.conftest import TINY_OVERRIDES
 from tests.engines.test_train_engine import synthetic_batch
+from workflows.training.recover import RecoverInfo, load_recover_checkpoint, save_recover_checkpoint
 
 HOST = "127.0.0.1"
 STEPS = 3
@@ -57,11 +58,36 @@ def _train_worker(rank: int, world_size: int, port: int, model_dir: str, out_dir
             stats = engine.train_batch(shard(synthetic_batch(seed=step), rank, world_size))
             losses.append(stats.loss)
             norms.append(stats.grad_norm)
+            if step == 0:
+                engine.set_version(1)
+                save_recover_checkpoint(Path(out_dir) / "written-by-2", engine, recover_info(1))
         weights = dict(full_tensors(engine.model))  # every rank takes part in each gather
         torch.save(logp, Path(out_dir) / f"logp{rank}.pt")
         if rank == 0:
             torch.save(weights, Path(out_dir) / "weights.pt")
             (Path(out_dir) / "stats.json").write_text(json.dumps({"losses": losses, "norms": norms}))
+    finally:
+        dist.destroy_process_group()
+
+
+def recover_info(step: int) -> RecoverInfo:
+    return RecoverInfo(step=step, total_steps=STEPS, stats_records=step, data_position={}, num_prompts=4)
+
+
+def _resume_worker(rank: int, world_size: int, port: int, model_dir: str, source: str, step: int, out_dir: str) -> None:
+    """Resume from `source`'s recover checkpoint, train batch `step` (0-based), and write
+    a checkpoint of the result into `<out_dir>/written-by-<world_size>`."""
+    torch.set_num_threads(1)
+    ctx = join(rank, world_size, port)
+    try:
+        engine = make_engine(model_dir, "fsdp2", ctx)
+        info = load_recover_checkpoint(Path(source) / "recover", engine, None)
+        assert info.step == step and engine.get_version() == step
+        stats = engine.train_batch(shard(synthetic_batch(seed=step), rank, world_size))
+        engine.set_version(step + 1)
+        save_recover_checkpoint(Path(out_dir) / f"written-by-{world_size}", engine, recover_info(step + 1))
+        if rank == 0:
+            Path(out_dir, f"resumed-{world_size}.json").write_text(json.dumps({"loss": stats.loss}))
     finally:
         dist.destroy_process_group()
 
@@ -95,3 +121,20 @@ def test_two_fsdp2_ranks_train_as_one_process(tmp_path, model_dir):
     for name, tensor in weights.items():
         # Adam turns float rounding of near-zero gradients into a few 1e-6 against lr 1e-2.
         torch.testing.assert_close(tensor, own[name], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.slow  # three spawns of two processes (about 40 s here)
+def test_a_sharded_checkpoint_resumes_at_another_rank_count(tmp_path, model_dir):
+    """2 ranks write at step 1, 1 rank resumes and writes at step 2, 2 ranks resume: each
+    resumed step's loss is the uninterrupted run's."""
+    spawn(_train_worker, 2, str(model_dir), str(tmp_path))
+    uninterrupted = json.loads((tmp_path / "stats.json").read_text())["losses"]
+    checkpoint = tmp_path / "written-by-2"
+    assert {p.name for p in (checkpoint / "recover" / "dcp").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+
+    spawn(_resume_worker, 1, str(model_dir), str(checkpoint), 1, str(tmp_path))
+    assert json.loads((tmp_path / "resumed-1.json").read_text())["loss"] == pytest.approx(uninterrupted[1], abs=1e-5)
+    assert {p.name for p in (tmp_path / "written-by-1" / "recover" / "dcp").iterdir()} == {".metadata", "__0_0.distcp"}
+
+    spawn(_resume_worker, 2, str(model_dir), str(tmp_path / "written-by-1"), 2, str(tmp_path))
+    assert json.loads((tmp_path / "resumed-2.json").read_text())["loss"] == pytest.approx(uninterrupted[2], abs=1e-5)
