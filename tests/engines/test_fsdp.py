@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -25,18 +26,19 @@ HOST = "127.0.0.1"
 STEPS = 3
 
 
-def make_engine(model_dir: str, parallelism: str, dist_ctx=None, **actor) -> TrainEngine:
-    torch.use_deterministic_algorithms(True)
-    model = load_model(ModelConfig(init_from_scratch=True, config_overrides=dict(TINY_OVERRIDES)), Path(model_dir), seed=0)
-    cfg = ActorConfig(optimizer=OptimizerConfig(lr=1e-2, weight_decay=0.0), parallelism=parallelism, deterministic=True,
-                      **actor)
+def make_engine(model_dir: str, parallelism: str, dist_ctx=None, device: str = "cpu", **actor) -> TrainEngine:
+    torch.use_deterministic_algorithms(device == "cpu")
+    model_cfg = ModelConfig(init_from_scratch=True, config_overrides=dict(TINY_OVERRIDES), device=device)
+    model = load_model(model_cfg, Path(model_dir), seed=0)
+    cfg = ActorConfig(optimizer=OptimizerConfig(lr=1e-2, weight_decay=0.0), parallelism=parallelism,
+                      deterministic=device == "cpu", **actor)
     return TrainEngine(cfg, model, total_steps=STEPS, max_sequence_tokens=12, temperature=1.0, dist_ctx=dist_ctx)
 
 
-def join(rank: int, world_size: int, port: int) -> DistributedContext:
+def join(rank: int, world_size: int, port: int, backend: str = "gloo") -> DistributedContext:
     timeout = datetime.timedelta(seconds=60)
     store = dist.TCPStore(HOST, port, None, False, timeout=timeout)
-    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world_size,
+    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world_size,
                             timeout=timeout)
     return DistributedContext(rank=rank, world_size=world_size, store=store)
 
@@ -138,3 +140,37 @@ def test_a_sharded_checkpoint_resumes_at_another_rank_count(tmp_path, model_dir)
 
     spawn(_resume_worker, 2, str(model_dir), str(tmp_path / "written-by-1"), 2, str(tmp_path))
     assert json.loads((tmp_path / "resumed-2.json").read_text())["loss"] == pytest.approx(uninterrupted[2], abs=1e-5)
+
+
+def _gpu_worker(rank: int, world_size: int, port: int, model_dir: str, out_dir: str) -> None:
+    ctx = join(rank, world_size, port, backend="nccl")
+    try:
+        engine = make_engine(model_dir, "fsdp2", ctx, device="cuda", mixed_precision="bf16")
+        layer = engine.model.model.layers[0]
+        seen = []  # the weight's dtype while the layer computes (gathered, cast by FSDP2)
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda module, args: seen.append(str(module.weight.dtype)))
+        before = {n: t.float().cpu() for n, t in full_tensors(engine.model)}
+        losses = [engine.train_batch(synthetic_batch(seed=step)).loss for step in range(STEPS)]
+        after = dict(full_tensors(engine.model))
+        report = {
+            "losses": losses,
+            "param_dtype": str(layer.self_attn.q_proj.weight.dtype),
+            "compute_dtype": sorted(set(seen)),
+            "on_cuda": all(t.is_cuda for t in after.values()),
+            "changed": sum(not torch.equal(before[n], t.float().cpu()) for n, t in after.items()),
+            "total": len(after),
+        }
+        Path(out_dir, "gpu.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh)")
+def test_fsdp2_in_bf16_on_one_gpu(tmp_path, model_dir):
+    """FSDP2 with NCCL on one GPU: bf16 compute over float32 sharded weights, 3 steps."""
+    spawn(_gpu_worker, 1, str(model_dir), str(tmp_path))
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert all(math.isfinite(loss) for loss in report["losses"])
+    assert report["param_dtype"] == "torch.float32" and report["compute_dtype"] == ["torch.bfloat16"]
+    assert report["on_cuda"] and report["changed"] == report["total"]
