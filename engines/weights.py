@@ -93,7 +93,8 @@ def load_published(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _save_untied(model: nn.Module, path: Path, bucket_bytes: int = BUCKET_BYTES) -> None:
+def _save_untied(model: nn.Module, path: Path) -> None:
+    bucket_bytes = BUCKET_BYTES
     path.mkdir(parents=True)
     config = model.config
     files: list[dict[str, torch.Tensor]] = [{}]
