@@ -50,7 +50,7 @@ def check_every_prompt_once(tmp_path) -> None:
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     trained = [(e, i) for r in records for e, i in zip(r["prompt_epochs"], r["prompt_ids"])]
     assert len(trained) == len(set(trained)) == STEPS * BATCH
-    final = tmp_path / "run" / "checkpoints" / "final"
+    final = tmp_path / "run" / "checkpoints" / f"step_{STEPS}"  # the exported final model
     model = AutoModelForCausalLM.from_pretrained(final)
     exported = model_state(final)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
