@@ -92,6 +92,11 @@ def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
     if actor.adv_estimator == "gae" and world_size > 1:
         errors.append(f"actor.adv_estimator=gae trains its critic in one process, not over {world_size} replicas; "
                       "run one replica or choose grpo, rloo or reinforce_plus_plus")
+    if actor.cpu_offload and actor.parallelism != "fsdp2":
+        errors.append("actor.cpu_offload=true offloads FSDP2's shards; set actor.parallelism=fsdp2 or cpu_offload=false")
+    if actor.parallelism == "fsdp2" and actor.adv_estimator == "gae":
+        errors.append("actor.parallelism=fsdp2 shards the policy but not the critic of actor.adv_estimator=gae; "
+                      "use actor.parallelism=ddp or choose grpo, rloo or reinforce_plus_plus")
     errors += _deployment_errors(cfg, world_size)
     if cfg.trainer.eval_freq_steps and data.eval_split == data.split:
         errors.append(f"dataset.eval_split={data.eval_split} is the training split; evaluation must be held out "

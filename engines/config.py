@@ -31,6 +31,7 @@ LOSS_NORMALIZATIONS = ("token", "constant")
 TIS_MODES = ("truncate", "mask")
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "gae")
 IMPORTANCE_LEVELS = ("token", "sequence")
+PARALLELISMS = ("ddp", "fsdp2")
 
 
 def option(default: Any, help: str, *, choices: Optional[tuple[str, ...]] = None, null: Optional[str] = None) -> Any:
@@ -154,6 +155,20 @@ class ActorConfig:
         "numerics on purpose (logprob_abs_diff_mean shows by how much the trainer's logprobs then differ from the "
         "sampler's).",
         choices=MIXED_PRECISION,
+    )
+    parallelism: str = option(
+        "ddp",
+        "How the policy is spread over data-parallel ranks (engines/parallel.py). ddp: every rank holds the whole "
+        "model, gradients and optimizer state (DistributedDataParallel; best for small models); fsdp2: PyTorch "
+        "FSDP2 (fully_shard per decoder layer and at the root) keeps 1/ranks of each per rank, with bf16 "
+        "parameters and float32 gradient reduction when mixed_precision resolves to bf16. fsdp2 writes recover "
+        "checkpoints with torch.distributed.checkpoint (resumable at another rank count).",
+        choices=PARALLELISMS,
+    )
+    cpu_offload: bool = option(
+        False,
+        "parallelism=fsdp2 only: keep the sharded parameters, gradients and optimizer state in host memory "
+        "(FSDP2's CPUOffloadPolicy), copying each layer to the device when it is used.",
     )
     pad_to_maximum: bool = option(
         False,

@@ -17,14 +17,14 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional, Protocol, runtime_checkable
+from typing import Iterable, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
-from transformers import GenerationConfig as HFGenerationConfig
-from transformers import LogitsProcessorList, PreTrainedModel, StaticCache, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, PreTrainedModel, StaticCache, StoppingCriteriaList
 
 from engines.config import GenerationConfig
 from engines.factories import autocast
+from engines.hf_generation import StopWhenSet, sampling_config
 from engines.logprobs import SampledTokenLogprobs
 
 FAULT_ENV = "AREAL_FAULT_GENERATE_FROM_VERSION"
@@ -36,59 +36,6 @@ def inject_generation_fault(version: int) -> None:
     value = os.environ.get(FAULT_ENV)
     if value is not None and value.strip().isdigit() and version >= int(value):
         raise RuntimeError(f"injected generation failure at policy version {version} ({FAULT_ENV}={value.strip()})")
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Ends `model.generate` at the next token once `event` is set (engine destroyed)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class ExplicitGenerationConfig(HFGenerationConfig):
-    """A transformers generation config that `model.generate` cannot complete from the
-    model's own `generation_config`.
-
-    `generate` fills every field a passed config leaves None from `model.generation_config`
-    (`update(defaults_only=True)`), so a checkpoint's `repetition_penalty`,
-    `no_repeat_ngram_size`, `min_new_tokens`, `suppress_tokens`, ... would shape the
-    sampled distribution and the recorded logprobs, which the trainer never applies.
-    Those fill-ins are refused here; `sampling_config` sets every field sampling needs.
-    """
-
-    def update(self, defaults_only: bool = False, allow_custom_entries: bool = False, **kwargs):
-        if defaults_only:
-            return kwargs
-        return super().update(defaults_only=defaults_only, allow_custom_entries=allow_custom_entries, **kwargs)
-
-
-def sampling_config(request: "GenerationRequest", stop_ids: list[int], pad_token_id: int) -> ExplicitGenerationConfig:
-    """The complete generation config of `request`: its temperature, top-k, top-p and
-    budget, and the neutral value of every other processor (transformers' global
-    defaults), whatever the model's `generation_config.json` says, as the vLLM and SGLang
-    paths do (engines/servers.py, engines/remote_sglang.py)."""
-    sample = request.temperature > 0
-    return ExplicitGenerationConfig(
-        do_sample=sample,
-        # Greedy decoding takes no warpers; set, transformers warns that they are ignored.
-        temperature=request.temperature if sample else 1.0,
-        top_p=request.top_p if sample else 1.0,
-        top_k=request.top_k if sample else None,
-        max_new_tokens=request.max_new_tokens,
-        # min_new_tokens stays None (no processor): set beside min_length, transformers
-        # warns on every call.
-        min_length=0, num_beams=1, num_beam_groups=1, num_return_sequences=1, early_stopping=False,
-        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-        length_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, diversity_penalty=0.0,
-        remove_invalid_values=False, renormalize_logits=False, output_scores=False, return_dict_in_generate=False,
-        eos_token_id=list(stop_ids),
-        pad_token_id=pad_token_id,
-        use_cache=True,  # also when training turned it off for gradient checkpointing
-        disable_compile=True,  # compiling for one batch shape costs more than it saves
-    )
 
 
 @dataclass
@@ -216,15 +163,33 @@ class LocalInferenceEngine:
     def resume(self) -> None:
         self._running.set()
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new policy weights in, between batches (blocks until the copy is done);
-        nothing to do when the engine shares the trainer's weights."""
+        nothing to do when the engine shares the trainer's weights. `state_dict` is a
+        mapping, or (name, tensor) pairs consumed one at a time (a sharded trainer
+        gathers each tensor as it is asked for: `engines.parallel.full_tensors`).
+
+        Raises:
+            RuntimeError: names or shapes that do not match the model (pairs: a name
+                missing, unknown, or of another shape).
+        """
         if not self.shares_weights:
             self._worker.submit(self._load, state_dict).result()
 
-    def _load(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def _load(self, state_dict) -> None:
         with torch.no_grad():
-            self.model.load_state_dict(state_dict, strict=True)
+            if isinstance(state_dict, Mapping):
+                self.model.load_state_dict(state_dict, strict=True)
+                return
+            own = self.model.state_dict()
+            seen = set()
+            for name, tensor in state_dict:
+                if name not in own or own[name].shape != tensor.shape:
+                    raise RuntimeError(f"weight {name} {tuple(tensor.shape)} does not match the sampler's model")
+                own[name].copy_(tensor)
+                seen.add(name)
+            if missing := sorted(set(own) - seen):
+                raise RuntimeError(f"weights missing from the update: {missing[:5]}")
 
     def generate_blocking(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:
         """`generate` on the engine's worker thread, for callers without an event loop
@@ -352,9 +317,11 @@ class LocalInferenceEngine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             cache=self._prompt_cache(input_ids, attention_mask, first.max_new_tokens),
-            generation_config=sampling_config(first, stop_ids, self.pad_token_id),
+            generation_config=sampling_config(
+                first.temperature, first.top_p, first.top_k, first.max_new_tokens, stop_ids, self.pad_token_id
+            ),
             logits_processor=LogitsProcessorList([recorder]),
-            stopping_criteria=StoppingCriteriaList([_StopWhenSet(self._destroyed)]),
+            stopping_criteria=StoppingCriteriaList([StopWhenSet(self._destroyed)]),
         )
 
     def _prompt_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> StaticCache:

@@ -7,9 +7,7 @@ or rollouts.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +15,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from engines.config import ActorConfig
 from engines.distributed import DistributedContext
@@ -32,32 +29,18 @@ from engines.factories import (
 )
 from engines.logprobs import token_logprobs
 from engines.micro_batches import micro_batches
+from engines.parallel import (
+    clip_grad_norm,
+    full_tensors,
+    gradient_sync,
+    is_sharded,
+    pad_to_common_count,
+    wrap_data_parallel,
+)
 from engines.ppo import kl_penalty, masked_mean, ppo_clipped_loss
+from engines.sharded_state import gather_full_state, is_main, load_full_state
+from engines.train_stats import TrainStats, nanmean
 from engines.weights import publish_weights
-
-
-@dataclass
-class TrainStats:
-    """One update's statistics. `loss` and `num_loss_tokens` cover the whole batch; the
-    entropy, clip fractions and importance weights cover the tokens that carry a gradient
-    (rows with a non-zero advantage, see `TrainEngine._rows_with_gradient`): the entropy
-    is NaN and the rest 0 when none do.
-
-    `entropy` is the policy's mean token entropy in nats, of the temperature-scaled
-    distribution, from the training forward pass: when it falls towards 0 the samples of
-    a group become identical and GRPO stops learning (entropy collapse)."""
-
-    loss: float
-    grad_norm: float
-    lr: float
-    entropy: float
-    clip_fraction: float
-    dual_clip_fraction: float
-    importance_weight_mean: float
-    importance_weight_max: float
-    masked_fraction: float
-    kl: float
-    num_loss_tokens: int
 
 
 class TrainEngine:
@@ -108,16 +91,19 @@ class TrainEngine:
         build_ac_config(model, cfg.gradient_checkpointing)
         dist_ctx = dist_ctx or DistributedContext()
         self.world_size = dist_ctx.world_size
-        # DDP runs everywhere (gloo on CPU); FSDP2 would shard what a 135M model does
-        # not need sharded.
         # Every tensor of a step goes where the weights are (engines.model.load_model put
         # them on `model.device`); batches arrive on the CPU and results go back there.
         self.device = next(model.parameters()).device
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(model, device_ids=device_ids) if self.world_size > 1 else None
+        # actor.parallelism (engines/parallel.py): DDP's wrapper, or None (FSDP2 shards
+        # `model` in place; one-process DDP wraps nothing).
+        self.ddp = wrap_data_parallel(model, parallelism=cfg.parallelism, cpu_offload=cfg.cpu_offload,
+                                      world_size=self.world_size, device=self.device, param_dtype=self.autocast_dtype)
+        self.sharded = is_sharded(model)
         self.engine_lock = (
             DistributedLock("engine-weights", store=dist_ctx.store, rank=dist_ctx.rank)
-            if dist_ctx.store is not None
+            # Sharded weights are gathered by every rank together: a lock that admits one
+            # rank at a time would deadlock the gather.
+            if dist_ctx.store is not None and not self.sharded
             else threading.Lock()
         )
         self.optimizer = create_optimizer(model.parameters(), cfg.optimizer)
@@ -140,29 +126,32 @@ class TrainEngine:
         versioned directory written atomically (engines/weights.py) that it loads."""
         weights_dir = getattr(inference_engine, "weights_dir", None)
         if weights_dir is None:
-            inference_engine.update_weights(self.model.state_dict())
+            # Sharded: (name, full tensor) pairs gathered one at a time as they are copied.
+            inference_engine.update_weights(full_tensors(self.model) if self.sharded else self.model.state_dict())
             return
         inference_engine.update_weights_from_disk(publish_weights(self.model, weights_dir, version), version)
 
     def save(self, path: Path, tokenizer=None) -> None:
         """Write a Hugging Face model directory (config + safetensors) loadable with
-        `AutoModelForCausalLM.from_pretrained(path)`."""
+        `AutoModelForCausalLM.from_pretrained(path)`. Sharded: a collective that gathers
+        the weights on rank 0, which alone writes (`path` is ignored elsewhere)."""
+        state = gather_full_state(self.model) if self.sharded else None
+        if not is_main():
+            return
         path = Path(path)
-        self.model.save_pretrained(path, safe_serialization=True)
+        self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
     def save_optimizer_state(self, path: Path) -> None:
         """Write the optimizer and LR-scheduler state dicts and the policy version to one
-        `torch.save` file at `path` (for crash recovery; see workflows/training/recover.py)."""
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "version": self._version,
-            },
-            Path(path),
-        )
+        `torch.save` file at `path` (for crash recovery; see workflows/training/recover.py).
+        Sharded, the optimizer state goes to the DCP checkpoint (engines/sharded_state.py)
+        and this file holds the rest."""
+        state = {"lr_scheduler": self.lr_scheduler.state_dict(), "version": self._version}
+        if not self.sharded:
+            state["optimizer"] = self.optimizer.state_dict()
+        torch.save(state, Path(path))
 
     def load_optimizer_state(self, path: Path) -> int:
         """Restore what `save_optimizer_state` wrote; returns the saved policy version
@@ -174,8 +163,11 @@ class TrainEngine:
                 `actor.optimizer.type`).
         """
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if self.sharded != ("optimizer" not in state):
+            raise ValueError(f"optimizer state {path} was written with another actor.parallelism; resume with it")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not self.sharded:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         except (KeyError, ValueError, RuntimeError) as exc:
             raise ValueError(f"optimizer state {path} does not fit this optimizer: {exc}") from exc
@@ -194,6 +186,8 @@ class TrainEngine:
             raise FileNotFoundError(f"no *.safetensors weights in {path}")
         for file in files:
             state.update(load_file(file))
+        if self.sharded:
+            return load_full_state(self.model, state)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         # Tied embeddings are stored once; anything else missing is a real mismatch.
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
@@ -221,9 +215,12 @@ class TrainEngine:
         # trained tokens are scored when the batch says which they are.
         keys = ("input_ids", "attention_mask", "loss_mask")
         tokens = {k: batch[k] for k in keys if k in batch}
-        for idx, mb in self._micro_batches(tokens):
+        padded, real = pad_to_common_count(self._micro_batches(tokens), model)
+        for i, (idx, mb) in enumerate(padded):
             with autocast(self.autocast_dtype, self.device):
                 logp = token_logprobs(model, mb["input_ids"], mb["attention_mask"], self.temperature, mb.get("loss_mask"))
+            if i >= real:
+                continue
             width = min(L, logp.shape[1])
             out[idx, :width] = logp[:, :width]
         model.train(was_training)
@@ -289,7 +286,7 @@ class TrainEngine:
             loss=mean("loss"),
             grad_norm=mean("grad_norm"),
             lr=records[-1].lr,
-            entropy=_nanmean([r.entropy for r in records]),
+            entropy=nanmean([r.entropy for r in records]),
             clip_fraction=mean("clip_fraction"),
             dual_clip_fraction=mean("dual_clip_fraction"),
             importance_weight_mean=mean("importance_weight_mean"),
@@ -342,6 +339,7 @@ class TrainEngine:
         mini = self._rows_with_gradient(mini)
         local_tokens = float(mini["loss_mask"].sum())
         micro_batches = [mb for _, mb in self._micro_batches(mini)] if len(mini["input_ids"]) else []
+        micro_batches, real = pad_to_common_count(micro_batches, self.model)
         if not micro_batches:
             # Nothing carries a gradient: the optimizer still steps (zero gradient), as it
             # would have after a backward pass whose loss was exactly zero.
@@ -351,12 +349,14 @@ class TrainEngine:
         for i, mb in enumerate(micro_batches):
             # DDP all-reduces gradients on the last micro-batch's backward only.
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
-            with sync:
+            with gradient_sync(self.model, self.ddp, last):
                 loss, out, kl, entropy = self._micro_batch_loss(mb, num_tokens)
                 # The loss is already divided by the global token count, so the gradient
-                # we want is the sum over ranks; DDP averages, hence the factor.
-                (loss * self.world_size).backward()
+                # we want is the sum over ranks; DDP and FSDP2 average, hence the factor.
+                # A padding micro-batch (FSDP2) adds nothing.
+                (loss * (self.world_size if i < real else 0.0)).backward()
+            if i >= real:
+                continue
             share = mb["loss_mask"].sum().double() / max(local_tokens, 1.0)
             stats = (out.clip_fraction, out.dual_clip_fraction, out.importance_weight_mean, out.masked_fraction)
             sums += torch.stack(
@@ -367,7 +367,7 @@ class TrainEngine:
             dist.all_reduce(sums[:2])  # loss and KL are sums over ranks; the rest stay local
         loss_sum, kl_sum, entropy_sum, clip_fraction, dual_clip_fraction, weight_mean, masked_fraction = sums.tolist()
         max_norm = cfg.optimizer.gradient_clipping if cfg.optimizer.gradient_clipping > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = clip_grad_norm(self.model, max_norm)
         self.optimizer.step()
         # Free the gradients now rather than at the next step: generation runs in between.
         self.optimizer.zero_grad(set_to_none=True)
@@ -387,8 +387,3 @@ class TrainEngine:
             num_loss_tokens=int(num_tokens),
         )
 
-
-def _nanmean(values: list[float]) -> float:
-    """Mean of the values that are not NaN; NaN when all are."""
-    kept = [v for v in values if v == v]
-    return sum(kept) / len(kept) if kept else float("nan")

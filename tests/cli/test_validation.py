@@ -110,6 +110,17 @@ def test_critic_trains_in_one_process():
         load_config("smoke", ["actor.adv_estimator=gae"], world_size=2)
 
 
+def test_parallelism_is_one_checked_key():
+    with pytest.raises(ConfigError, match="actor.parallelism='zero3' is invalid"):
+        load_config("smoke", ["actor.parallelism=zero3"])
+    with pytest.raises(ConfigError, match="actor.cpu_offload=true offloads FSDP2's shards"):
+        load_config("smoke", ["actor.cpu_offload=true"])
+    with pytest.raises(ConfigError, match="actor.parallelism=fsdp2 shards the policy but not the critic"):
+        load_config("smoke", ["actor.parallelism=fsdp2", "actor.adv_estimator=gae"])
+    cfg = load_config("smoke", ["actor.parallelism=fsdp2", "actor.cpu_offload=true"], world_size=2)
+    assert (cfg.actor.parallelism, cfg.actor.cpu_offload) == ("fsdp2", True)
+
+
 def test_batch_must_split_over_replicas():
     with pytest.raises(ConfigError, match="dataset.batch_size=2 does not split over 3 replicas"):
         load_config("smoke", [], world_size=3)

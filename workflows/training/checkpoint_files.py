@@ -5,7 +5,8 @@ can tell whether they changed since.
 A directory is assembled in a temporary sibling (`.<name>.tmp-<pid>`), every file is
 fsynced, and then it replaces `<name>` by two renames (`<name>` -> `<name>.old`, tmp ->
 `<name>`) before `<name>.old` is deleted: a crash at any point leaves `<name>` or
-`<name>.old` complete. Recover checkpoints (workflows/training/recover.py) and step
+`<name>.old` complete. With a sharded policy every rank calls `save_checkpoint` (the
+weights are gathered on rank 0, which alone writes). Recover checkpoints (workflows/training/recover.py) and step
 checkpoints are both written this way.
 """
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 from safetensors import SafetensorError
+
+from engines.sharded_state import is_main
 
 _HASH_BLOCK = 8 << 20  # bytes read at a time while hashing
 
@@ -108,6 +111,9 @@ def save_checkpoint(engine, path: Path, tokenizer=None) -> Path:
     Raises:
         CheckpointWriteError: the write failed; the message names `path`.
     """
+    if getattr(engine, "sharded", False) and not is_main():
+        engine.save(path, tokenizer)  # joins rank 0's gather of the shards; writes nothing
+        return Path(path)
     write_atomically(Path(path), lambda tmp: engine.save(tmp, tokenizer), what="checkpoint")
     return Path(path)
 

@@ -1,10 +1,16 @@
 """Crash recovery: a run killed at any moment resumes from its last recover checkpoint
 without training any prompt twice or dropping one.
 
-Layout (`<run_dir>/checkpoints/recover/`, written only by rank 0):
+Layout (`<run_dir>/checkpoints/recover/`, written by rank 0; with actor.parallelism=fsdp2
+every rank writes its shards into `dcp/`):
 
     model/           the policy, Hugging Face format (config + safetensors), `engine.save`
-    optimizer.pt     optimizer and LR-scheduler state dicts, policy version
+                     (actor.parallelism=ddp)
+    dcp/             actor.parallelism=fsdp2 instead: the policy's and the optimizer's
+                     sharded state, written by torch.distributed.checkpoint (one file per
+                     writing rank + `.metadata`); it loads at any rank count
+                     (engines/sharded_state.py)
+    optimizer.pt     LR-scheduler state dict, policy version, and (ddp) the optimizer's
     critic/          with actor.adv_estimator=gae: the value model's weights and optimizer
     rng.pt           python, numpy, torch CPU (and CUDA) RNG states of rank 0
     meta.json        step, total_steps, stats records written, data position, and the
@@ -70,8 +76,10 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from workflows.training.checkpoint_files import file_manifest, file_sha256, write_atomically
+from engines.sharded_state import DCP_METADATA, is_main, load_dcp, save_dcp
+from workflows.training.checkpoint_files import CheckpointWriteError, file_manifest, file_sha256, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,7 @@ RECOVER_NAME = "recover"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 FAULT_ENV = "AREAL_FAULT_AFTER_STEP"
+DCP_DIR = "dcp"
 
 
 class CorruptCheckpointError(ValueError):
@@ -162,8 +171,8 @@ def incomplete_reason(path: Path) -> Optional[str]:
         check_files(path, read_recover_info(path), digests=False)
     except (OSError, ValueError) as exc:
         return str(exc)
-    parts = ((path / "optimizer.pt").is_file() and (path / "rng.pt").is_file()
-             and any((path / "model").glob("*.safetensors")))
+    weights = any((path / "model").glob("*.safetensors")) or (path / DCP_DIR / DCP_METADATA).is_file()
+    parts = (path / "optimizer.pt").is_file() and (path / "rng.pt").is_file() and weights
     return None if parts else "weights, optimizer or RNG state missing"
 
 
@@ -228,14 +237,26 @@ def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo, cr
     `critic` (a CriticEngine: weights and optimizer in `critic/`) when there is one;
     returns its path.
 
-    Call on rank 0 only. Takes about the time of one `engine.save` plus writing the
+    Call on rank 0 only, or, with a sharded engine (`engine.sharded`), on every rank:
+    rank 0 assembles the directory, every rank writes its shards into its `dcp/`, and
+    every rank returns once the checkpoint is in place (or raises `CheckpointWriteError`
+    when any part failed). Takes about the time of one `engine.save` plus writing the
     optimizer state (twice the weights' size for AdamW).
     """
     final = Path(checkpoints_dir) / RECOVER_NAME
     info.written_at = time.time()
+    sharded = getattr(engine, "sharded", False)
+    if sharded and not is_main():
+        return _join_sharded_write(engine, final)
+    shared = [False]  # whether the other ranks were told where to write
 
     def write(tmp: Path) -> None:
-        engine.save(tmp / "model")
+        if sharded:
+            dist.broadcast_object_list([str(tmp)], src=0)
+            shared[0] = True
+            save_dcp(engine.model, engine.optimizer, tmp / DCP_DIR)
+        else:
+            engine.save(tmp / "model")
         engine.save_optimizer_state(tmp / "optimizer.pt")
         if critic is not None:
             critic.save(tmp / "critic")
@@ -244,7 +265,35 @@ def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo, cr
         # Last: its presence is what makes the directory a checkpoint.
         (tmp / META_FILE).write_text(json.dumps(asdict(info), indent=1))
 
-    write_atomically(final, write, what="recover checkpoint")
+    if not sharded:
+        write_atomically(final, write, what="recover checkpoint")
+        return final
+    try:
+        write_atomically(final, write, what="recover checkpoint")
+    except BaseException:
+        if not shared[0]:
+            dist.broadcast_object_list([None], src=0)
+        dist.broadcast_object_list([False], src=0)
+        raise
+    dist.broadcast_object_list([True], src=0)
+    return final
+
+
+def _join_sharded_write(engine, final: Path) -> Path:
+    """A rank other than 0 in `save_recover_checkpoint`: its shards into rank 0's
+    temporary directory, then rank 0's verdict on the whole."""
+    where = [None]
+    dist.broadcast_object_list(where, src=0)
+    failure = None
+    if where[0] is not None:
+        try:
+            save_dcp(engine.model, engine.optimizer, Path(where[0]) / DCP_DIR)
+        except Exception as exc:  # rank 0 fails too (DCP raises on every rank) and says so
+            failure = exc
+    verdict = [None]
+    dist.broadcast_object_list(verdict, src=0)
+    if not verdict[0]:
+        raise CheckpointWriteError(f"writing the recover checkpoint {final} failed (see rank 0's log)") from failure
     return final
 
 
@@ -262,7 +311,14 @@ def load_recover_checkpoint(path: Path, engine, inference, critic=None) -> Recov
     path = Path(path)
     info = read_recover_info(path)
     check_files(path, info, digests=True)
-    engine.load(path / "model")
+    sharded = getattr(engine, "sharded", False)
+    if sharded != (path / DCP_DIR).is_dir():
+        raise ValueError(f"{path} was written with actor.parallelism={'ddp' if sharded else 'fsdp2'}; resume with it "
+                         "or set trainer.resume=false")
+    if sharded:
+        load_dcp(engine.model, engine.optimizer, path / DCP_DIR)
+    else:
+        engine.load(path / "model")
     version = engine.load_optimizer_state(path / "optimizer.pt")
     if version != info.step:
         raise ValueError(f"{path}: optimizer state is at version {version} but meta.json says step {info.step}")

@@ -291,9 +291,11 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
                 position.stats_records += 1
                 inject_fault_after(step)
                 save_due = cfg.trainer.save_freq_steps > 0 and step % cfg.trainer.save_freq_steps == 0
-                if save_due and step < total_steps and dist_ctx.is_main:
+                # A sharded policy is gathered (save) or written (recover) by every rank.
+                writes = dist_ctx.is_main or engine.sharded
+                if save_due and step < total_steps and writes:
                     save_checkpoint(engine, run.checkpoints / f"step_{step}", run.tokenizer)
-                if recover_due(cfg, step, total_steps) and dist_ctx.is_main:
+                if recover_due(cfg, step, total_steps) and writes:
                     info = RecoverInfo(
                         step=step,
                         total_steps=total_steps,
@@ -309,7 +311,7 @@ def _train_loop(cfg: ExperimentConfig, dist_ctx: DistributedContext, run: Run) -
     if position.step >= total_steps:
         stats_logger.info(f"the recover checkpoint is at step {position.step} >= trainer.total_steps={total_steps}; nothing to train")
     with deferred_stop():
-        if dist_ctx.is_main and (position.step < total_steps or not final.exists()):
+        if (dist_ctx.is_main or engine.sharded) and (position.step < total_steps or not final.exists()):
             save_checkpoint(engine, final, run.tokenizer)
     stats_logger.info(f"done: {total_steps} steps; checkpoint {final}; stats {stats_logger.path}")
 
