@@ -17,7 +17,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional, Protocol, runtime_checkable
+from typing import Iterable, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
@@ -210,15 +210,32 @@ class LocalInferenceEngine:
     def resume(self) -> None:
         self._running.set()
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new policy weights in, between batches (blocks until the copy is done);
-        nothing to do when the engine shares the trainer's weights."""
+        nothing to do when the engine shares the trainer's weights. `state_dict` is a
+        mapping, or (name, tensor) pairs produced one at a time (LoRA's merged weights,
+        engines/lora.py), each copied before the next is made.
+
+        Raises:
+            ValueError: names missing from, or unknown to, the model.
+        """
         if not self.shares_weights:
             self._worker.submit(self._load, state_dict).result()
 
-    def _load(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def _load(self, state_dict) -> None:
         with torch.no_grad():
-            self.model.load_state_dict(state_dict, strict=True)
+            if isinstance(state_dict, Mapping):
+                self.model.load_state_dict(state_dict, strict=True)
+                return
+            own = self.model.state_dict()
+            unknown = []
+            for name, tensor in state_dict:
+                if name in own:
+                    own.pop(name).copy_(tensor)
+                else:
+                    unknown.append(name)
+            if own or unknown:
+                raise ValueError(f"weights do not match the sampler's model: missing={sorted(own)} unexpected={unknown}")
 
     def generate_blocking(self, requests: list[GenerationRequest]) -> list[GenerationResponse]:
         """`generate` on the engine's worker thread, for callers without an event loop

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,33 +30,11 @@ from engines.factories import (
     validate_and_force_pad_to_maximum,
 )
 from engines.logprobs import token_logprobs
+from engines.lora import LoraAdapters
 from engines.micro_batches import micro_batches
 from engines.ppo import kl_penalty, masked_mean, ppo_clipped_loss
+from engines.train_stats import TrainStats, nanmean
 from engines.weights import publish_weights
-
-
-@dataclass
-class TrainStats:
-    """One update's statistics. `loss` and `num_loss_tokens` cover the whole batch; the
-    entropy, clip fractions and importance weights cover the tokens that carry a gradient
-    (rows with a non-zero advantage, see `TrainEngine._rows_with_gradient`): the entropy
-    is NaN and the rest 0 when none do.
-
-    `entropy` is the policy's mean token entropy in nats, of the temperature-scaled
-    distribution, from the training forward pass: when it falls towards 0 the samples of
-    a group become identical and GRPO stops learning (entropy collapse)."""
-
-    loss: float
-    grad_norm: float
-    lr: float
-    entropy: float
-    clip_fraction: float
-    dual_clip_fraction: float
-    importance_weight_mean: float
-    importance_weight_max: float
-    masked_fraction: float
-    kl: float
-    num_loss_tokens: int
 
 
 class TrainEngine:
@@ -71,7 +48,9 @@ class TrainEngine:
         max_new_tokens: the generation budget per completion, tokens; the denominator of
             `actor.loss_normalization=constant` (Dr. GRPO) is sequences x this.
         temperature: sampling temperature, so recomputed logprobs match the sampler's.
-        ref_model: frozen initial policy for the KL penalty (needed iff `cfg.kl_ctl > 0`).
+        ref_model: frozen initial policy for the KL penalty (needed iff `cfg.kl_ctl > 0`,
+            unless `cfg.lora.enabled`: the reference is then `model` with its adapters
+            disabled, see `compute_ref_logp`).
         dist_ctx: the data-parallel job this engine belongs to (default: one process).
             With several ranks, each trains on its shard of the global batch through
             `DistributedDataParallel`, which all-reduces gradients in the backward pass.
@@ -92,7 +71,7 @@ class TrainEngine:
         dist_ctx: Optional[DistributedContext] = None,
         max_new_tokens: Optional[int] = None,
     ):
-        if cfg.kl_ctl > 0 and ref_model is None:
+        if cfg.kl_ctl > 0 and ref_model is None and not cfg.lora.enabled:
             raise ValueError("actor.kl_ctl > 0 needs a reference model")
         self.cfg = cfg
         self.model = model
@@ -106,6 +85,8 @@ class TrainEngine:
         # per matmul), so the optimizer updates full-precision parameters.
         self.autocast_dtype = resolve_mixed_precision(cfg.mixed_precision)
         build_ac_config(model, cfg.gradient_checkpointing)
+        # actor.lora: adapters injected into `model` itself, everything else frozen.
+        self.lora = LoraAdapters(model, cfg.lora) if cfg.lora.enabled else None
         dist_ctx = dist_ctx or DistributedContext()
         self.world_size = dist_ctx.world_size
         # DDP runs everywhere (gloo on CPU); FSDP2 would shard what a 135M model does
@@ -120,7 +101,7 @@ class TrainEngine:
             if dist_ctx.store is not None
             else threading.Lock()
         )
-        self.optimizer = create_optimizer(model.parameters(), cfg.optimizer)
+        self.optimizer = create_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer)
         self.lr_scheduler = create_lr_scheduler(
             self.optimizer, cfg.optimizer, total_steps=total_steps * cfg.ppo_n_minibatches
         )
@@ -137,17 +118,23 @@ class TrainEngine:
     def upload_weights(self, inference_engine, version: int) -> None:
         """Send the current weights, as policy `version`, to an inference engine: a tensor
         copy in process, or, for an engine with a `weights_dir` (inference servers), a
-        versioned directory written atomically (engines/weights.py) that it loads."""
+        versioned directory written atomically (engines/weights.py) that it loads. With
+        LoRA, merged weights or adapters (`LoraAdapters.upload`)."""
+        if self.lora is not None:
+            return self.lora.upload(inference_engine, version)
         weights_dir = getattr(inference_engine, "weights_dir", None)
         if weights_dir is None:
             inference_engine.update_weights(self.model.state_dict())
             return
         inference_engine.update_weights_from_disk(publish_weights(self.model, weights_dir, version), version)
 
-    def save(self, path: Path, tokenizer=None) -> None:
+    def save(self, path: Path, tokenizer=None, *, adapters_only: bool = False) -> None:
         """Write a Hugging Face model directory (config + safetensors) loadable with
-        `AutoModelForCausalLM.from_pretrained(path)`."""
+        `AutoModelForCausalLM.from_pretrained(path)`, LoRA adapters merged; with LoRA and
+        `adapters_only` (recover checkpoints), the adapters alone."""
         path = Path(path)
+        if self.lora is not None:
+            return self.lora.save(path, tokenizer, adapters_only=adapters_only)
         self.model.save_pretrained(path, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
@@ -186,8 +173,10 @@ class TrainEngine:
 
         Raises:
             FileNotFoundError: `path` holds no `*.safetensors` file.
-            ValueError: the weights do not match the model's parameters.
+            ValueError: the weights do not match the model's parameters (or its LoRA adapters).
         """
+        if self.lora is not None:
+            return self.lora.load(path)
         state = {}
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
@@ -228,6 +217,14 @@ class TrainEngine:
             out[idx, :width] = logp[:, :width]
         model.train(was_training)
         return out.cpu()
+
+    def compute_ref_logp(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`compute_logp` under the KL reference policy: the frozen initial copy, or with
+        LoRA the base model, the adapters disabled for the call (peft's `disable_adapter`)."""
+        if self.lora is None:
+            return self.compute_logp(batch, model=self.ref_model)
+        with self.lora.reference():
+            return self.compute_logp(batch)
 
     def _micro_batch_loss(self, mb: dict[str, torch.Tensor], num_tokens: float):
         """Loss of one micro-batch, normalised by the minibatch's `num_tokens`; returns
@@ -289,7 +286,7 @@ class TrainEngine:
             loss=mean("loss"),
             grad_norm=mean("grad_norm"),
             lr=records[-1].lr,
-            entropy=_nanmean([r.entropy for r in records]),
+            entropy=nanmean([r.entropy for r in records]),
             clip_fraction=mean("clip_fraction"),
             dual_clip_fraction=mean("dual_clip_fraction"),
             importance_weight_mean=mean("importance_weight_mean"),
@@ -386,9 +383,3 @@ class TrainEngine:
             kl=kl_sum,
             num_loss_tokens=int(num_tokens),
         )
-
-
-def _nanmean(values: list[float]) -> float:
-    """Mean of the values that are not NaN; NaN when all are."""
-    kept = [v for v in values if v == v]
-    return sum(kept) / len(kept) if kept else float("nan")

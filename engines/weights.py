@@ -18,11 +18,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from engines.lora import merged_named_tensors
 
 
 def version_dir(root: Path, version: int) -> Path:
@@ -30,7 +32,19 @@ def version_dir(root: Path, version: int) -> Path:
 
 
 def publish_weights(model: nn.Module, root: Path, version: int, keep: int = 2) -> Path:
-    """Write `model`'s weights for `version` under `root`; returns the directory.
+    """Write `model`'s weights for `version` under `root`; returns the directory. A model
+    with LoRA adapters (engines/lora.py) is written merged, under the base model's names.
+
+    Raises:
+        OSError: the write failed (nothing is left under the final name).
+    """
+    return publish_directory(root, version, lambda tmp: _save_untied(model, tmp), keep=keep)
+
+
+def publish_directory(root: Path, version: int, write: Callable[[Path], object], keep: int = 2) -> Path:
+    """`write(tmp)` fills a new directory, which then becomes `<root>/v<version>` by one
+    rename; versions older than the `keep - 1` before it, and any newer one, are removed.
+    Returns the directory.
 
     Raises:
         OSError: the write failed (nothing is left under the final name).
@@ -42,7 +56,7 @@ def publish_weights(model: nn.Module, root: Path, version: int, keep: int = 2) -
     if staging.exists():
         shutil.rmtree(staging)
     try:
-        _save_untied(model, staging)
+        write(staging)
         if target.exists():  # a resumed run publishes a version again
             shutil.rmtree(target)
         staging.rename(target)
@@ -80,7 +94,7 @@ def _save_untied(model: nn.Module, path: Path) -> None:
     state = {}
     seen: dict[int, str] = {}
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for name, tensor in merged_named_tensors(model):
             # safetensors refuses two names for one storage: the tied head gets a copy.
             key = tensor.untyped_storage().data_ptr()
             state[name] = tensor.detach().clone().contiguous() if key in seen else tensor.detach().contiguous()

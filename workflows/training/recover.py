@@ -4,6 +4,7 @@ without training any prompt twice or dropping one.
 Layout (`<run_dir>/checkpoints/recover/`, written only by rank 0):
 
     model/           the policy, Hugging Face format (config + safetensors), `engine.save`
+                     (with actor.lora, the adapters alone in peft's format)
     optimizer.pt     optimizer and LR-scheduler state dicts, policy version
     critic/          with actor.adv_estimator=gae: the value model's weights and optimizer
     rng.pt           python, numpy, torch CPU (and CUDA) RNG states of rank 0
@@ -235,7 +236,7 @@ def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo, cr
     info.written_at = time.time()
 
     def write(tmp: Path) -> None:
-        engine.save(tmp / "model")
+        engine.save(tmp / "model", adapters_only=True)  # full weights without LoRA
         engine.save_optimizer_state(tmp / "optimizer.pt")
         if critic is not None:
             critic.save(tmp / "critic")
