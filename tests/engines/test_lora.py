@@ -153,3 +153,41 @@ def test_the_export_is_a_plain_model_with_the_merged_logits(tiny_model, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, merged(ids).logits, atol=1e-6, rtol=0)
     assert not any("lora" in n for n in exported.state_dict())
+
+
+def test_vllm_loads_the_adapters_and_then_samples_from_them(tiny_model, tmp_path):
+    from engines.inference import GenerationRequest
+    from engines.remote_vllm import LORA_ADAPTER_NAME, SERVED_MODEL_NAME, RemoteVLLMEngine
+    from tests.engines.http_replay import ReplayServer, fixture, replay
+
+    server = ReplayServer({
+        "/v1/load_lora_adapter": replay(f"Success: LoRA adapter '{LORA_ADAPTER_NAME}' added successfully."),
+        "/reset_prefix_cache": replay(None),
+        "/v1/completions": replay(fixture("vllm", "completion_length")["response"]),
+    }).start()
+    client = RemoteVLLMEngine([server.address], weights_dir=tmp_path / "weights", retry_backoff=0.01)
+    try:
+        engine = trained(tiny_model, sync="adapters")
+        prompt = [1, 9690, 198]
+        client.generate_blocking([GenerationRequest(prompt, 4)])
+        engine.upload_weights(client, version=1)
+        client.generate_blocking([GenerationRequest(prompt, 4)])
+    finally:
+        client.destroy()
+        server.close()
+    models = [body["model"] for route, body in server.calls if route == "/v1/completions"]
+    assert models == [SERVED_MODEL_NAME, LORA_ADAPTER_NAME]  # the base model until the adapters arrive
+    load = [body for route, body in server.calls if route == "/v1/load_lora_adapter"]
+    assert load == [{"lora_name": LORA_ADAPTER_NAME, "lora_path": load[0]["lora_path"], "load_inplace": True}]
+    published = tmp_path / "weights" / "v000001"
+    assert load[0]["lora_path"] == str(published) and is_adapter_dir(published)
+    assert not (published / "model.safetensors").exists() and client.get_version() == 1
+
+
+def test_vllm_servers_start_with_room_for_the_adapter_rank():
+    from engines.servers import vllm_lora_args
+
+    assert vllm_lora_args(16)[-2:] == ["--max-lora-rank", "16"]
+    assert vllm_lora_args(20)[-2:] == ["--max-lora-rank", "32"] and "--enable-lora" in vllm_lora_args(20)
+    with pytest.raises(ValueError, match="exceeds"):
+        vllm_lora_args(1000)
