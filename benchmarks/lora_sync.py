@@ -10,6 +10,11 @@ made and copied one at a time), and what a server sync writes to disk (`publish_
 of the merged model, against `publish_adapter` of the adapters alone). The server's own
 load time is not measured here (no vLLM with LoRA support runs in this environment).
 Prints one Markdown table (median seconds, and bytes written).
+
+`--decode` (or `--decode-only`) also times sampling one batch (`--batch` sequences of `--new-tokens` tokens,
+`stop_token_ids` none, greedy so both decode the same length) through the adapters (what
+synchronous RL's in-process sampler does: it decodes from the trained policy itself)
+against the merged weights (a private copy).
 """
 
 from __future__ import annotations
@@ -72,16 +77,44 @@ def measure(lora: bool, rank: int, repeats: int, model_dir: Path, tokenizer) -> 
     return row
 
 
+def decode(args, model_dir: Path, tokenizer) -> None:
+    from engines.inference import GenerationRequest
+
+    policy = load_model(ModelConfig(), model_dir, seed=0)
+    merged_copy = copy.deepcopy(policy)
+    engine = TrainEngine(ActorConfig(lora=LoraConfig(enabled=True, rank=args.rank, alpha=2.0 * args.rank)), policy,
+                         total_steps=1, max_sequence_tokens=256, temperature=1.0)
+    through = LocalInferenceEngine(policy, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id, shares_weights=True,
+                                   max_batch_size=args.batch)
+    merged = LocalInferenceEngine(merged_copy, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
+                                  max_batch_size=args.batch)
+    engine.upload_weights(merged, version=1)
+    prompt = tokenizer("What is 17 + 25? Answer with a number.")["input_ids"]
+    requests = [GenerationRequest(list(prompt), args.new_tokens, temperature=0.0) for _ in range(args.batch)]
+    for name, sampler in (("through the adapters (shared policy)", through), ("merged weights (private copy)", merged)):
+        seconds = median_seconds(lambda s=sampler: s.generate_blocking(requests), args.repeats)
+        print(f"decode {args.batch} x {args.new_tokens} tokens {name}: {seconds:.2f} s", flush=True)
+        sampler.destroy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode", action="store_true")
+    parser.add_argument("--decode-only", action="store_true")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
 
     model_dir = resolve_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct")
     tokenizer = load_tokenizer(model_dir)
+    if args.decode_only:
+        return decode(args, model_dir, tokenizer)
     rows = [measure(lora, args.rank, args.repeats, model_dir, tokenizer) for lora in (False, True)]
     print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats} (median)\n")
+    if args.decode:
+        decode(args, model_dir, tokenizer)
     print("| training | trainable params | in-process sync (s) | publish full weights (s, MB) | publish adapters (s, MB) |")
     print("|---|---|---|---|---|")
     for r in rows:
