@@ -10,25 +10,21 @@ reachable), and the `PeftModel` returned is kept beside it for what only peft kn
 `disable_adapter()` (the base model, i.e. the KL reference, without a second copy) and
 the adapters' own state dict (recover checkpoints, `/v1/load_lora_adapter`).
 
-Samplers and exports receive merged weights: `merged_named_tensors` yields the model's
-state dict under the base model's names, each adapted matrix as W + (alpha / rank) B @ A
-from peft's `get_delta_weight`, one tensor at a time, without changing the trained model
-(peft's `merge_adapter` would add the delta into W in place, and subtracting it again
-afterwards does not give W back bit for bit).
+Samplers and exports receive merged weights (engines/lora_merge.py: W + (alpha / rank)
+B @ A one tensor at a time, the trained model untouched).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Iterator
 
-import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from engines.config import LoraConfig
+from engines.lora_merge import merged_named_tensors, merged_state_dict
+from engines.weights import publish_directory, publish_weights
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter get_peft_model creates
 ADAPTER_CONFIG = "adapter_config.json"
@@ -62,62 +58,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg, adapter_name=ADAPTER_NAME)
-
-
-def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """name -> peft LoRA layer for every adapted module of `model` (empty when peft was
-    never imported: then no module can be one)."""
-    if "peft" not in sys.modules:
-        return {}
-    from peft.tuners.lora import LoraLayer
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-def has_lora(model: nn.Module) -> bool:
-    """Whether `model` holds peft LoRA layers."""
-    return bool(_lora_layers(model))
-
-
-def base_name(name: str) -> str:
-    """The base model's name of a state-dict key of an adapted model
-    (`...q_proj.base_layer.weight` -> `...q_proj.weight`)."""
-    return name.replace(".base_layer.", ".")
-
-
-@torch.no_grad()
-def merged_named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of `model`'s state dict as the base model would have it, adapters
-    merged: for each adapted linear layer W + (alpha / rank) B @ A (peft's
-    `get_delta_weight`, in W's dtype), every other tensor as it is (not copied). One
-    merged matrix exists at a time unless the caller keeps them; `model` is not changed.
-    For a model without adapters this is `model.state_dict().items()`.
-
-    Raises:
-        ValueError: an adapted layer is currently merged in place (its W already holds
-            the delta), which this function would add twice.
-    """
-    layers = _lora_layers(model)
-    for name, layer in layers.items():
-        if layer.merged:
-            raise ValueError(f"{name} has its adapter merged in place; unmerge it before reading merged weights")
-    for key, tensor in model.state_dict(keep_vars=False).items():
-        if ".lora_" in key:
-            continue
-        name = base_name(key)
-        module, _, leaf = name.rpartition(".")
-        layer = layers.get(module)
-        if layer is not None and leaf == "weight":
-            delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-            yield name, tensor + delta.to(tensor.dtype)
-        else:
-            yield name, tensor
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`dict(merged_named_tensors(model))`: every merged matrix at once (for writers that
-    take a whole state dict, such as safetensors' `save_file`)."""
-    return dict(merged_named_tensors(model))
 
 
 def save_adapter(peft_model, path: Path) -> Path:
@@ -194,8 +134,6 @@ class LoraAdapters:
         in-process sampler; to servers, a versioned directory of merged weights, or of the
         adapters alone when `sync=adapters` and the client loads adapters
         (`accepts_lora_adapters`, vLLM)."""
-        from engines.weights import publish_weights
-
         weights_dir = getattr(inference_engine, "weights_dir", None)
         if weights_dir is None:
             inference_engine.update_weights(merged_named_tensors(self.model))
@@ -236,6 +174,4 @@ def publish_adapter(peft_model, root: Path, version: int, keep: int = 2) -> Path
     Raises:
         OSError: the write failed (nothing is left under the final name).
     """
-    from engines.weights import publish_directory
-
     return publish_directory(root, version, lambda tmp: save_adapter(peft_model, tmp), keep=keep)

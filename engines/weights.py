@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engines.lora import merged_named_tensors
+from engines.lora_merge import merged_named_tensors
 
 
 def version_dir(root: Path, version: int) -> Path:

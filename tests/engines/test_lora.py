@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from engines.config import ActorConfig, LoraConfig, OptimizerConfig
 from engines.inference import LocalInferenceEngine
 from engines.logprobs import token_logprobs
-from engines.lora import ADAPTER_WEIGHTS, base_name, is_adapter_dir, merged_state_dict
+from engines.lora import ADAPTER_WEIGHTS, is_adapter_dir
+from engines.lora_merge import base_name, merged_state_dict
 from engines.train_engine import TrainEngine
 from engines.weights import load_published, publish_weights
 from tests.engines.test_train_engine import synthetic_batch
