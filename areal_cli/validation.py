@@ -24,6 +24,7 @@ from typing import Optional
 
 from areal_cli.rules import rule_errors
 from areal_cli.user_files import user_file_errors
+from engines.servers import VLLM_LORA_RANKS
 from workflows.config import MULTI_TURN_WORKFLOW, ExperimentConfig
 
 
@@ -97,6 +98,7 @@ def _cross_field_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
     if actor.parallelism == "fsdp2" and actor.adv_estimator == "gae":
         errors.append("actor.parallelism=fsdp2 shards the policy but not the critic of actor.adv_estimator=gae; "
                       "use actor.parallelism=ddp or choose grpo, rloo or reinforce_plus_plus")
+    errors += _lora_errors(cfg)
     errors += _deployment_errors(cfg, world_size)
     if cfg.trainer.eval_freq_steps and data.eval_split == data.split:
         errors.append(f"dataset.eval_split={data.eval_split} is the training split; evaluation must be held out "
@@ -133,6 +135,28 @@ def _multi_turn_errors(cfg: ExperimentConfig) -> list[str]:
     if cfg.actor.overlong_buffer_tokens:
         errors.append(f"actor.overlong_buffer_tokens={cfg.actor.overlong_buffer_tokens} penalises one completion's length; with "
                       "rollout.workflow=multi_turn bound episodes with multi_turn.max_total_tokens and set it to 0")
+    return errors
+
+
+def _lora_errors(cfg: ExperimentConfig) -> list[str]:
+    lora, errors = cfg.actor.lora, []
+    if not lora.enabled:
+        return errors
+    if cfg.actor.adv_estimator == "gae":
+        errors.append("actor.lora.enabled=true with actor.adv_estimator=gae: the critic would copy the adapted policy; "
+                      "choose grpo, rloo or reinforce_plus_plus, or set actor.lora.enabled=false")
+    if cfg.actor.parallelism == "fsdp2":
+        errors.append("actor.lora.enabled=true with actor.parallelism=fsdp2: adapters are trained on whole "
+                      "(ddp) replicas only; set actor.parallelism=ddp")
+    if "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
+        errors.append(f"actor.lora.target_modules={list(lora.target_modules)}: all-linear already names every linear "
+                      "layer; give [all-linear] alone or a list of module names")
+    if lora.sync == "adapters" and cfg.rollout.backend != "vllm":
+        errors.append(f"actor.lora.sync=adapters needs rollout.backend=vllm (the only server that loads adapters); "
+                      f"rollout.backend={cfg.rollout.backend} gets merged weights: set actor.lora.sync=merged")
+    if lora.sync == "adapters" and lora.rank > max(VLLM_LORA_RANKS):
+        errors.append(f"actor.lora.rank={lora.rank} exceeds vLLM's largest --max-lora-rank ({max(VLLM_LORA_RANKS)}); "
+                      "lower it or set actor.lora.sync=merged")
     return errors
 
 

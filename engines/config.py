@@ -32,6 +32,7 @@ TIS_MODES = ("truncate", "mask")
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "gae")
 IMPORTANCE_LEVELS = ("token", "sequence")
 PARALLELISMS = ("ddp", "fsdp2")
+LORA_SYNCS = ("merged", "adapters")
 
 
 def option(default: Any, help: str, *, choices: Optional[tuple[str, ...]] = None, null: Optional[str] = None) -> Any:
@@ -135,10 +136,40 @@ class OptimizerConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA (Hu et al., 2021, arXiv 2106.09685) through peft: the policy's weights stay
+    frozen and only low-rank adapters train (engines/lora.py)."""
+
+    enabled: bool = option(
+        False,
+        "Train LoRA adapters instead of every weight: only the adapters are in the optimizer, the KL reference is "
+        "the base model with the adapters disabled (no second copy), recover checkpoints hold only the adapters "
+        "and the final checkpoint merges them into the weights.",
+    )
+    rank: int = option(16, "The adapters' rank r (the inner dimension of B @ A).")
+    alpha: float = option(32.0, "LoRA's alpha: the update B @ A is scaled by alpha / rank.")
+    dropout: float = option(0.0, "Dropout on the adapters' input while training, in [0, 1).")
+    target_modules: list[str] = option(
+        ["all-linear"],
+        "The module names that get adapters (suffixes such as q_proj, v_proj), or [all-linear]: every linear layer "
+        "but the LM head.",
+    )
+    sync: str = option(
+        "merged",
+        "What the samplers receive after each step. merged: full weights, each adapted matrix W + (alpha / rank) "
+        "B @ A computed one tensor at a time without touching the trained model; adapters: with rollout.backend="
+        "vllm, the adapter files only, loaded through vLLM's /v1/load_lora_adapter (servers started with "
+        "--enable-lora); the in-process sampler and SGLang always get merged weights.",
+        choices=LORA_SYNCS,
+    )
+
+
+@dataclass
 class ActorConfig:
     """The policy being trained: optimisation, memory and the PPO/GRPO objective."""
 
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     gradient_checkpointing: bool = option(
         False,
         "Recompute each decoder layer's activations in the backward pass instead of keeping them (less memory, "

@@ -167,7 +167,8 @@ class LocalInferenceEngine:
         """Copy new policy weights in, between batches (blocks until the copy is done);
         nothing to do when the engine shares the trainer's weights. `state_dict` is a
         mapping, or (name, tensor) pairs consumed one at a time (a sharded trainer
-        gathers each tensor as it is asked for: `engines.parallel.full_tensors`).
+        gathers each tensor as it is asked for, `engines.parallel.full_tensors`; LoRA's
+        merged weights are made one at a time, engines/lora_merge.py).
 
         Raises:
             RuntimeError: names or shapes that do not match the model (pairs: a name

@@ -67,6 +67,8 @@ class RemoteInferenceEngine:
     """
 
     backend = "remote"
+    # Reload routes whose success answer is plain text rather than JSON.
+    text_answer_routes: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -173,7 +175,8 @@ class RemoteInferenceEngine:
 
         async def reload(session: aiohttp.ClientSession, address: str) -> None:
             for route, body in self.reload_requests(Path(path), version):
-                self.check_reload_answer(route, await post_json(session, address, route, body, timeout))
+                answer = await post_json(session, address, route, body, timeout, allow_text=route in self.text_answer_routes)
+                self.check_reload_answer(route, answer)
 
         self._call_servers(reload)
         self._version = version
@@ -344,9 +347,10 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-async def post_json(session: aiohttp.ClientSession, address: str, route: str, body: Optional[dict], timeout: float) -> Any:
+async def post_json(session: aiohttp.ClientSession, address: str, route: str, body: Optional[dict], timeout: float,
+                    *, allow_text: bool = False) -> Any:
     """POST `body` as JSON to http://`address``route`; the decoded JSON answer ({} when
-    empty).
+    empty; with `allow_text`, {"text": answer} for a 2xx answer that is not JSON).
 
     Raises:
         ServerResponseError: HTTP status >= 400, or an answer that is not JSON.
@@ -361,4 +365,6 @@ async def post_json(session: aiohttp.ClientSession, address: str, route: str, bo
         try:
             return json.loads(text)
         except ValueError as exc:
+            if allow_text:
+                return {"text": text}
             raise ServerResponseError(f"POST {route}: not JSON: {text[:300]}") from exc

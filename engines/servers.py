@@ -89,6 +89,24 @@ def _cpu_list() -> str:
     return ",".join(str(c) for c in cpus)
 
 
+# The values vLLM accepts for --max-lora-rank (its LoRA config's choices).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_args(rank: int) -> list[str]:
+    """vLLM arguments that let a server load one LoRA adapter of `rank` at run time
+    (`/v1/load_lora_adapter`, engines/remote_vllm.py): `--max-lora-rank` is the smallest
+    accepted value >= `rank`.
+
+    Raises:
+        ValueError: `rank` exceeds every value vLLM accepts.
+    """
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"actor.lora.rank={rank} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
+    return ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(fits[0])]
+
+
 def server_command(backend: str, python: str, model_dir: Path, tokenizer_dir: Path, port: int, *, max_model_len: int,
                    dtype: str, extra_args: Sequence[str] = ()) -> list[str]:
     """The command line that serves the weights in `model_dir` on 127.0.0.1:`port`."""
@@ -116,6 +134,8 @@ def server_env(backend: str) -> dict[str, str]:
         # The weight-reload and cache endpoints (/collective_rpc, /reset_prefix_cache)
         # exist only in dev mode. On CPU, bind the OpenMP threads to every core we may use.
         env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+        # /v1/load_lora_adapter exists only with this (used when actor.lora.sync=adapters).
+        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list())
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on CPU

@@ -28,6 +28,7 @@ from engines.factories import (
     validate_and_force_pad_to_maximum,
 )
 from engines.logprobs import token_logprobs
+from engines.lora import LoraAdapters
 from engines.micro_batches import micro_batches
 from engines.parallel import (
     clip_grad_norm,
@@ -39,7 +40,7 @@ from engines.parallel import (
 )
 from engines.ppo import kl_penalty, masked_mean, ppo_clipped_loss
 from engines.sharded_state import gather_full_state, is_main, load_full_state
-from engines.train_stats import TrainStats, nanmean
+from engines.train_stats import TrainStats, average_minibatches
 from engines.weights import publish_weights
 
 
@@ -54,7 +55,9 @@ class TrainEngine:
         max_new_tokens: the generation budget per completion, tokens; the denominator of
             `actor.loss_normalization=constant` (Dr. GRPO) is sequences x this.
         temperature: sampling temperature, so recomputed logprobs match the sampler's.
-        ref_model: frozen initial policy for the KL penalty (needed iff `cfg.kl_ctl > 0`).
+        ref_model: frozen initial policy for the KL penalty (needed iff `cfg.kl_ctl > 0`,
+            unless `cfg.lora.enabled`: the reference is then `model` with its adapters
+            disabled, see `compute_ref_logp`).
         dist_ctx: the data-parallel job this engine belongs to (default: one process).
             With several ranks, each trains on its shard of the global batch through
             `DistributedDataParallel`, which all-reduces gradients in the backward pass.
@@ -75,7 +78,7 @@ class TrainEngine:
         dist_ctx: Optional[DistributedContext] = None,
         max_new_tokens: Optional[int] = None,
     ):
-        if cfg.kl_ctl > 0 and ref_model is None:
+        if cfg.kl_ctl > 0 and ref_model is None and not cfg.lora.enabled:
             raise ValueError("actor.kl_ctl > 0 needs a reference model")
         self.cfg = cfg
         self.model = model
@@ -89,6 +92,8 @@ class TrainEngine:
         # per matmul), so the optimizer updates full-precision parameters.
         self.autocast_dtype = resolve_mixed_precision(cfg.mixed_precision)
         build_ac_config(model, cfg.gradient_checkpointing)
+        # actor.lora: adapters injected into `model` itself, everything else frozen.
+        self.lora = LoraAdapters(model, cfg.lora) if cfg.lora.enabled else None
         dist_ctx = dist_ctx or DistributedContext()
         self.world_size = dist_ctx.world_size
         # Every tensor of a step goes where the weights are (engines.model.load_model put
@@ -106,7 +111,7 @@ class TrainEngine:
             if dist_ctx.store is not None and not self.sharded
             else threading.Lock()
         )
-        self.optimizer = create_optimizer(model.parameters(), cfg.optimizer)
+        self.optimizer = create_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer)
         self.lr_scheduler = create_lr_scheduler(
             self.optimizer, cfg.optimizer, total_steps=total_steps * cfg.ppo_n_minibatches
         )
@@ -123,7 +128,10 @@ class TrainEngine:
     def upload_weights(self, inference_engine, version: int) -> None:
         """Send the current weights, as policy `version`, to an inference engine: a tensor
         copy in process, or, for an engine with a `weights_dir` (inference servers), a
-        versioned directory written atomically (engines/weights.py) that it loads."""
+        versioned directory written atomically (engines/weights.py) that it loads. With
+        LoRA, merged weights or adapters (`LoraAdapters.upload`)."""
+        if self.lora is not None:
+            return self.lora.upload(inference_engine, version)
         weights_dir = getattr(inference_engine, "weights_dir", None)
         if weights_dir is None:
             # Sharded: (name, full tensor) pairs gathered one at a time as they are copied.
@@ -131,14 +139,17 @@ class TrainEngine:
             return
         inference_engine.update_weights_from_disk(publish_weights(self.model, weights_dir, version), version)
 
-    def save(self, path: Path, tokenizer=None) -> None:
+    def save(self, path: Path, tokenizer=None, *, adapters_only: bool = False) -> None:
         """Write a Hugging Face model directory (config + safetensors) loadable with
-        `AutoModelForCausalLM.from_pretrained(path)`. Sharded: a collective that gathers
-        the weights on rank 0, which alone writes (`path` is ignored elsewhere)."""
+        `AutoModelForCausalLM.from_pretrained(path)`, LoRA adapters merged; with LoRA and
+        `adapters_only` (recover checkpoints), the adapters alone. Sharded: a collective that
+        gathers the weights on rank 0, which alone writes (`path` is ignored elsewhere)."""
         state = gather_full_state(self.model) if self.sharded else None
         if not is_main():
             return
         path = Path(path)
+        if self.lora is not None:
+            return self.lora.save(path, tokenizer, adapters_only=adapters_only)
         self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
@@ -178,8 +189,10 @@ class TrainEngine:
 
         Raises:
             FileNotFoundError: `path` holds no `*.safetensors` file.
-            ValueError: the weights do not match the model's parameters.
+            ValueError: the weights do not match the model's parameters (or its LoRA adapters).
         """
+        if self.lora is not None:
+            return self.lora.load(path)
         state = {}
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
@@ -225,6 +238,14 @@ class TrainEngine:
             out[idx, :width] = logp[:, :width]
         model.train(was_training)
         return out.cpu()
+
+    def compute_ref_logp(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`compute_logp` under the KL reference policy: the frozen initial copy, or with
+        LoRA the base model, the adapters disabled for the call (peft's `disable_adapter`)."""
+        if self.lora is None:
+            return self.compute_logp(batch, model=self.ref_model)
+        with self.lora.reference():
+            return self.compute_logp(batch)
 
     def _micro_batch_loss(self, mb: dict[str, torch.Tensor], num_tokens: float):
         """Loss of one micro-batch, normalised by the minibatch's `num_tokens`; returns
@@ -281,20 +302,7 @@ class TrainEngine:
         for idx in minibatches:
             mini = {k: v[idx] for k, v in batch.items()}
             records.append(self._optimizer_step(mini))
-        mean = lambda name: sum(getattr(r, name) for r in records) / len(records)  # noqa: E731
-        return TrainStats(
-            loss=mean("loss"),
-            grad_norm=mean("grad_norm"),
-            lr=records[-1].lr,
-            entropy=nanmean([r.entropy for r in records]),
-            clip_fraction=mean("clip_fraction"),
-            dual_clip_fraction=mean("dual_clip_fraction"),
-            importance_weight_mean=mean("importance_weight_mean"),
-            importance_weight_max=max(r.importance_weight_max for r in records),
-            masked_fraction=mean("masked_fraction"),
-            kl=mean("kl"),
-            num_loss_tokens=sum(r.num_loss_tokens for r in records),
-        )
+        return average_minibatches(records)
 
     def _rows_with_gradient(self, mini: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The rows of a minibatch that can change the policy.
@@ -386,4 +394,3 @@ class TrainEngine:
             kl=kl_sum,
             num_loss_tokens=int(num_tokens),
         )
-

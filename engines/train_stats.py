@@ -1,4 +1,4 @@
-"""The statistics of one training update (`TrainEngine.train_batch`)."""
+"""The statistics of one policy update (`TrainEngine.train_batch`, engines/train_engine.py)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,23 @@ def nanmean(values: list[float]) -> float:
     """Mean of the values that are not NaN; NaN when all are."""
     kept = [v for v in values if v == v]
     return sum(kept) / len(kept) if kept else float("nan")
+
+
+def average_minibatches(records: list[TrainStats]) -> TrainStats:
+    """One update's statistics from its minibatches' (`actor.ppo_n_minibatches` optimizer
+    steps): means, except the last step's lr, the largest importance weight and the summed
+    token count; the entropy is the mean over the minibatches that had one."""
+    mean = lambda name: sum(getattr(r, name) for r in records) / len(records)  # noqa: E731
+    return TrainStats(
+        loss=mean("loss"),
+        grad_norm=mean("grad_norm"),
+        lr=records[-1].lr,
+        entropy=nanmean([r.entropy for r in records]),
+        clip_fraction=mean("clip_fraction"),
+        dual_clip_fraction=mean("dual_clip_fraction"),
+        importance_weight_mean=mean("importance_weight_mean"),
+        importance_weight_max=max(r.importance_weight_max for r in records),
+        masked_fraction=mean("masked_fraction"),
+        kl=mean("kl"),
+        num_loss_tokens=sum(r.num_loss_tokens for r in records),
+    )

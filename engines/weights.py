@@ -24,13 +24,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engines.parallel import full_tensors
+from engines.lora_merge import merged_named_tensors
+from engines.parallel import full_tensors, is_sharded
 
 INDEX_FILE = "model.safetensors.index.json"
 BUCKET_BYTES = 1 << 30  # a published file's size, at most about this plus one tensor
@@ -41,7 +42,19 @@ def version_dir(root: Path, version: int) -> Path:
 
 
 def publish_weights(model: nn.Module, root: Path, version: int, keep: int = 2) -> Path:
-    """Write `model`'s weights for `version` under `root`; returns the directory.
+    """Write `model`'s weights for `version` under `root`; returns the directory. A model
+    with LoRA adapters (engines/lora.py) is written merged, under the base model's names.
+
+    Raises:
+        OSError: the write failed (nothing is left under the final name).
+    """
+    return publish_directory(root, version, lambda tmp: _save_untied(model, tmp), keep=keep)
+
+
+def publish_directory(root: Path, version: int, write: Callable[[Path], object], keep: int = 2) -> Path:
+    """`write(tmp)` fills a new directory, which then becomes `<root>/v<version>` by one
+    rename; versions older than the `keep - 1` before it, and any newer one, are removed.
+    Returns the directory.
 
     Raises:
         OSError: the write failed (nothing is left under the final name).
@@ -53,7 +66,7 @@ def publish_weights(model: nn.Module, root: Path, version: int, keep: int = 2) -
     if staging.exists():
         shutil.rmtree(staging)
     try:
-        _save_untied(model, staging)
+        write(staging)
         if target.exists():  # a resumed run publishes a version again
             shutil.rmtree(target)
         staging.rename(target)
@@ -101,9 +114,11 @@ def _save_untied(model: nn.Module, path: Path) -> None:
     size = total = 0
     seen: dict[int, str] = {}
     embedding = None  # kept for a tied head that the state dict leaves out
-    # A sharded policy's tensors are gathered one at a time (full_tensors) and written in
-    # buckets of about `bucket_bytes`, so no rank ever holds a whole model's copy for this.
-    for name, tensor in full_tensors(model):
+    # A sharded policy's tensors are gathered one at a time (full_tensors), a LoRA policy's
+    # merged one at a time (never sharded: areal_cli/validation.py), and written in buckets
+    # of about `bucket_bytes`, so no rank ever holds a whole model's copy for this.
+    tensors = full_tensors(model) if is_sharded(model) else merged_named_tensors(model)
+    for name, tensor in tensors:
         if size >= bucket_bytes:
             _write_bucket(path, len(files) - 1, files[-1])
             files.append({})

@@ -19,7 +19,7 @@ from engines.factories import setup_cpu_threads, setup_deterministic_mode, setup
 from engines.inference import LocalInferenceEngine
 from engines.model import load_tokenizer, resolve_model_dir
 from engines.remote import RemoteInferenceEngine
-from engines.servers import ServerGroup, find_server_python, start_servers
+from engines.servers import ServerGroup, find_server_python, start_servers, vllm_lora_args
 from engines.weights import publish_weights
 from workflows.config import MULTI_TURN_WORKFLOW, ExperimentConfig
 from workflows.controller.executor import WorkflowExecutor
@@ -102,7 +102,7 @@ def build_inference(
             r.backend, r.servers, initial, model_dir, run_dir / "logs", python=python,
             max_model_len=cfg.dataset.max_prompt_length + cfg.max_completion_tokens() + 1,
             dtype=r.server_dtype or cfg.model.dtype,
-            extra_args=list(r.server_args), startup_timeout=r.server_startup_timeout,
+            extra_args=list(r.server_args) + lora_server_args(cfg), startup_timeout=r.server_startup_timeout,
         )
         addresses = servers.addresses
     else:
@@ -112,6 +112,14 @@ def build_inference(
         addresses, weights_dir=weights_dir, request_timeout=r.request_timeout, max_retries=r.request_retries,
         interruptible=r.interruptible_generation,
     ), servers
+
+
+def lora_server_args(cfg: ExperimentConfig) -> list[str]:
+    """The server arguments `actor.lora.sync=adapters` needs (vLLM: `--enable-lora`)."""
+    lora = cfg.actor.lora
+    if lora.enabled and lora.sync == "adapters" and cfg.rollout.backend == "vllm":
+        return vllm_lora_args(lora.rank)
+    return []
 
 
 def close_inference(inference, servers: Optional[ServerGroup]) -> None:

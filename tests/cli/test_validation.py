@@ -45,6 +45,11 @@ BAD_VALUES = [
     ("actor.gae_lambda=1.5", "must be in [0, 1]"),
     ("critic.optimizer.lr=0", "must be > 0"),
     ("critic.value_eps_clip=0", "must be > 0, or null"),
+    ("actor.lora.rank=0", "must be an integer >= 1"),
+    ("actor.lora.alpha=0", "must be > 0"),
+    ("actor.lora.dropout=1", "must be in [0, 1)"),
+    ("actor.lora.target_modules=[]", "must list module names"),
+    ("actor.lora.sync=weights", "must be one of merged, adapters"),
     ("trainer.total_steps=0", ">= 1"),
     ("dataset.batch_size=0", ">= 1"),
     ("stats_logger.file_name=a/b.jsonl", "without '/'"),
@@ -83,6 +88,12 @@ def test_bad_value_refused_naming_key_and_value(override, fragment):
         (["deployment_mode=disaggregated", "metadata_store=memory"], "needs metadata_store=sqlite"),
         (["deployment_mode=disaggregated", "rollout.workers=3"], "rollout.workers=3 does not divide"),
         (["deployment_mode=disaggregated", "trainer.eval_freq_steps=1"], "set trainer.eval_freq_steps=0"),
+        (["actor.lora.enabled=true", "actor.adv_estimator=gae"], "the critic would copy the adapted policy"),
+        (["actor.lora.enabled=true", "actor.lora.target_modules=[all-linear,q_proj]"], "give [all-linear] alone"),
+        (["actor.lora.enabled=true", "actor.parallelism=fsdp2"], "adapters are trained on whole (ddp) replicas only"),
+        (["actor.lora.enabled=true", "actor.lora.sync=adapters"], "actor.lora.sync=adapters needs rollout.backend=vllm"),
+        (["actor.lora.enabled=true", "actor.lora.sync=adapters", "rollout.backend=vllm", "actor.lora.rank=1024"],
+         "exceeds vLLM's largest --max-lora-rank (512)"),
     ],
 )
 def test_cross_field_rules(overrides, fragment):
@@ -100,6 +111,9 @@ def test_cross_field_rules_allow_the_consistent_variants():
     # REINFORCE++ without a group baseline normalises over the batch, so a group of one is fine.
     assert load_config("smoke", ["gconfig.n_samples=1", "actor.group_reward_norm=false",
                                  "actor.adv_estimator=reinforce_plus_plus"]).gconfig.n_samples == 1
+    assert load_config("smoke", ["actor.lora.enabled=true", "actor.lora.target_modules=[q_proj,v_proj]"]).actor.lora.enabled
+    # The rules of a switched-off LoRA section are those of its values only.
+    assert load_config("smoke", ["actor.lora.sync=adapters"]).actor.lora.sync == "adapters"
     # A consumer batch that differs from the dataset batch is fine when the run length is in steps.
     assert load_config("smoke", ["rollout.consumer_batch_size=3"]).rollout.consumer_batch_size == 3
     assert load_config("smoke", ["trainer.total_steps=null", "rollout.consumer_batch_size=2"]).trainer.total_steps is None

@@ -126,7 +126,7 @@ from workflows.training.recover import RecoverInfo, find_recover_checkpoint, rea
 class Engine:  # writes what a TrainEngine writes; the signal comes in the middle
     def __init__(self, signal_during_save, then_block):
         self.signal_during_save, self.then_block = signal_during_save, then_block
-    def save(self, path):
+    def save(self, path, adapters_only=False):
         path.mkdir(parents=True)
         (path / "model.safetensors").write_bytes(b"weights")
         if self.signal_during_save:

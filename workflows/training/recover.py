@@ -5,7 +5,8 @@ Layout (`<run_dir>/checkpoints/recover/`, written by rank 0; with actor.parallel
 every rank writes its shards into `dcp/`):
 
     model/           the policy, Hugging Face format (config + safetensors), `engine.save`
-                     (actor.parallelism=ddp)
+                     (actor.parallelism=ddp; with actor.lora, the adapters alone in
+                     peft's format)
     dcp/             actor.parallelism=fsdp2 instead: the policy's and the optimizer's
                      sharded state, written by torch.distributed.checkpoint (one file per
                      writing rank + `.metadata`); it loads at any rank count
@@ -256,7 +257,7 @@ def save_recover_checkpoint(checkpoints_dir: Path, engine, info: RecoverInfo, cr
             shared[0] = True
             save_dcp(engine.model, engine.optimizer, tmp / DCP_DIR)
         else:
-            engine.save(tmp / "model")
+            engine.save(tmp / "model", adapters_only=True)  # full weights without LoRA
         engine.save_optimizer_state(tmp / "optimizer.pt")
         if critic is not None:
             critic.save(tmp / "critic")

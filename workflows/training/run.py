@@ -194,8 +194,9 @@ def build_run(cfg: ExperimentConfig, dist_ctx: DistributedContext, worker_launch
             total_steps=total_steps,
             max_sequence_tokens=cfg.dataset.max_prompt_length + cfg.max_completion_tokens(),
             temperature=cfg.gconfig.temperature,
-            # The reference model (KL penalty) is the initial policy, also after a resume.
-            ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 else None,
+            # The reference model (KL penalty) is the initial policy, also after a resume;
+            # with LoRA, the policy itself with its adapters disabled.
+            ref_model=copy.deepcopy(policy) if cfg.actor.kl_ctl > 0 and not cfg.actor.lora.enabled else None,
             dist_ctx=dist_ctx,
             max_new_tokens=cfg.gconfig.max_new_tokens,
         )

@@ -332,7 +332,7 @@ def train_step(cfg: ExperimentConfig, step: int, run: Run, dist_ctx: Distributed
     if run.critic is not None:
         batch["returns"] = (batch["advantages"] + batch["values"]) * batch["loss_mask"]
     if cfg.actor.kl_ctl > 0:
-        batch["ref_logp"] = engine.compute_logp(batch, model=engine.ref_model)
+        batch["ref_logp"] = engine.compute_ref_logp(batch)
     extra = recompute_logprobs(batch, cfg, engine, version)
     train_start = time.perf_counter()
     train = engine.train_batch(batch)
