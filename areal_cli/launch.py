@@ -325,8 +325,11 @@ def _table(handles: list[ReplicaHandle], statuses: list[ReplicaStatus]) -> Table
 def _collect_live(executor: Any, handles: list[ReplicaHandle], timeout: float) -> list:
     with Live(_table(handles, [ReplicaStatus(ReplicaState.PENDING)] * len(handles)), console=err,
               refresh_per_second=4, transient=False) as live:
-        return executor.collect(handles, timeout=timeout,
-                                on_update=lambda hs, sts: live.update(_table(hs, sts)))
+        results = executor.collect(handles, timeout=timeout,
+                                   on_update=lambda hs, sts: live.update(_table(hs, sts)))
+    if not err.is_terminal:
+        err.print()  # end the table's last line, so each verdict below is a line of its own
+    return results
 
 
 def _reattach(run: str, run_root: Path) -> tuple[Any, list[ReplicaHandle], dict[str, Any]]:

@@ -84,7 +84,7 @@ def make_executor(backend: str, *, run_dir: Path, options: dict[str, Any]) -> An
             return SlurmExecutor(
                 run_dir, nnodes=options.get("nnodes", 1), nproc_per_node=options.get("nproc_per_node", 1),
                 gpus_per_node=options.get("gpus_per_node", 0), partition=options.get("partition"),
-                account=options.get("account"), max_restarts=options.get("max_restarts", 0),
+                account=options.get("account"), rdzv_endpoint=options.get("rdzv_endpoint"), max_restarts=options.get("max_restarts", 0),
                 rdzv_timeout=options.get("rdzv_timeout", 600.0), fail_fast=fail_fast,
             )
         if backend == "ray":

@@ -32,6 +32,7 @@ KEY_PREFIX = "areal/heartbeat/"
 LOST_PEER_EXIT_CODE = 75
 # Prefix of the one line a survivor prints; launchers look for it in replica logs.
 LOST_LINE_PREFIX = "areal: lost rank"
+JOINED_PREFIX = "areal: joined as rank"
 # The beat of a rank that stopped on purpose: never reported lost.
 DONE = "done"
 
@@ -94,9 +95,14 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
+        self._places: dict[int, str] = {}  # rank -> where it runs, as it published
 
     def start(self) -> Heartbeat:
         self.store.set(f"{KEY_PREFIX}{self.rank}/where", self._where)
+        # Which ranks run where, in the node's log: a launcher whose own agent died with
+        # the rendezvous host (before this watcher could speak) names the others from it.
+        sys.stderr.write(f"{JOINED_PREFIX} {self.rank} of {self.world_size} ({self._where})\n")
+        sys.stderr.flush()
         self._beat(0)
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-rank{self.rank}", daemon=True)
         self._thread.start()
@@ -145,6 +151,9 @@ class Heartbeat:
                                     f"({type(exc).__name__}); it lives with rank 0", ask_store=False)
                     return
                 continue
+            for rank in peers:
+                if rank not in self._places:
+                    self._learn_place(rank)
             for rank, key in zip(peers, keys):
                 value = values.get(key)
                 last_value, since = seen[rank]
@@ -156,12 +165,13 @@ class Heartbeat:
                     self._report(rank, f"no heartbeat for {now - since:.1f} s (timeout {self.timeout:g} s)")
                     return
 
-    def _report(self, rank: int, why: str, *, ask_store: bool = True) -> None:
-        where = ""
-        try:
-            if ask_store:
-                where = " (" + self.store.get(f"{KEY_PREFIX}{rank}/where").decode() + ")"
-        except Exception:
-            pass  # the store went with the lost rank
+    def _learn_place(self, rank: int) -> None:
+        # Read while the store is up: the report may come when it is gone with its host.
+        key = f"{KEY_PREFIX}{rank}/where"
+        if self.store.check([key]):
+            self._places[rank] = self.store.get(key).decode()
+
+    def _report(self, rank: int, why: str) -> None:
+        where = f" ({self._places[rank]})" if rank in self._places else ""
         self.lost = f"{LOST_LINE_PREFIX} {rank}{where}: {why}; seen by rank {self.rank}"
         self.on_lost(self.lost)

@@ -17,6 +17,7 @@ the queue.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -64,6 +65,7 @@ class SlurmExecutor(PollingCollect):
         gpus_per_node: GPUs asked for per node (`--gpus-per-node`); 0 asks for none.
         partition, account: Slurm's, or None for the cluster's defaults.
         rdzv_port: the port of the rendezvous store on the first node.
+        rdzv_endpoint: `HOST:PORT` instead of the first node's name and `rdzv_port`.
         max_restarts, rdzv_timeout: torch elastic's, as `TorchrunExecutor`.
         cpus_per_node: `--cpus-per-task` of the one task per node; None: Slurm's default.
     Raises:
@@ -83,6 +85,7 @@ class SlurmExecutor(PollingCollect):
         partition: str | None = None,
         account: str | None = None,
         rdzv_port: int = DEFAULT_RDZV_PORT,
+        rdzv_endpoint: str | None = None,
         max_restarts: int = 0,
         rdzv_timeout: float = 600.0,
         cpus_per_node: int | None = None,
@@ -96,7 +99,7 @@ class SlurmExecutor(PollingCollect):
         self.partition, self.account, self.cpus_per_node = partition, account, cpus_per_node
         self.fail_fast, self.poll_interval = fail_fast, poll_interval
         self._torchrun = torchrun_args(
-            nnodes=nnodes, nproc_per_node=nproc_per_node, rdzv_endpoint=f"$head_node:{rdzv_port}",
+            nnodes=nnodes, nproc_per_node=nproc_per_node, rdzv_endpoint=rdzv_endpoint or f"$head_node:{rdzv_port}",
             rdzv_id="$SLURM_JOB_ID", max_restarts=max_restarts, rdzv_timeout=rdzv_timeout,
         )
 
@@ -167,17 +170,21 @@ class SlurmExecutor(PollingCollect):
         return [handle]
 
     def poll(self, handle: ReplicaHandle) -> ReplicaStatus:
-        queued = _run(["squeue", "-h", "-j", handle.remote_id, "-o", "%T"])
-        state = queued.split()[0] if queued.strip() else ""
-        if not state:  # left the queue: ask the accounting database
+        # scontrol knows running jobs and, for MinJobAge (300 s by default), ended ones;
+        # sacct only where accounting is set up, but for longer.
+        fields = dict(re.findall(r"(\w+)=(\S+)", _run(["scontrol", "show", "job", "-o", handle.remote_id])))
+        state, exit_code = fields.get("JobState", ""), fields.get("ExitCode", "")
+        if not state:
             line = _run(["sacct", "-n", "-X", "-P", "-j", handle.remote_id, "-o", "State,ExitCode"]).strip()
             if not line:
-                return ReplicaStatus(ReplicaState.FAILED, None, "job unknown to squeue and sacct")
+                return ReplicaStatus(ReplicaState.FAILED, None, "job unknown to scontrol and sacct")
             state, _, exit_code = line.splitlines()[0].partition("|")
-            code = int(exit_code.split(":")[0]) if exit_code.split(":")[0].isdigit() else None
-            ours = _STATES.get(state.split()[0], ReplicaState.FAILED)
-            return ReplicaStatus(ours, code, "" if ours is ReplicaState.SUCCEEDED else f"Slurm state {state}")
-        return ReplicaStatus(_STATES.get(state, ReplicaState.RUNNING))
+            state = state.split()[0]
+        ours = _STATES.get(state, ReplicaState.FAILED)
+        code = int(exit_code.split(":")[0]) if exit_code.split(":")[0].isdigit() else None
+        if not ours.terminal:
+            return ReplicaStatus(ours)
+        return ReplicaStatus(ours, code, "" if ours is ReplicaState.SUCCEEDED else f"Slurm state {state}")
 
     def stream_logs(self, handle: ReplicaHandle) -> Iterator[str]:
         path = Path(handle.extras["log_path"])

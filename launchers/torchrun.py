@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engines.heartbeat import LOST_LINE_PREFIX
+from engines.heartbeat import JOINED_PREFIX, LOST_LINE_PREFIX
 from launchers.executor import ReplicaHandle, ReplicaSpec, ReplicaStatus, redact
 from launchers.local import LocalProcessExecutor
 
@@ -127,6 +127,7 @@ class TorchrunExecutor(LocalProcessExecutor):
         if not 0 <= node_rank < nnodes:
             raise ValueError(f"node rank {node_rank} is not in 0..{nnodes - 1} (--node-rank, --nnodes)")
         self.nnodes, self.node_rank, self.nproc_per_node = nnodes, node_rank, nproc_per_node
+        self.rdzv_endpoint = rdzv_endpoint
         self._args = torchrun_args(
             nnodes=nnodes, nproc_per_node=nproc_per_node, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
             max_restarts=max_restarts, rdzv_timeout=rdzv_timeout, is_host=node_rank == 0, node_rank=node_rank,
@@ -159,9 +160,23 @@ class TorchrunExecutor(LocalProcessExecutor):
 
     def _failure_detail(self, handle: ReplicaHandle, status: ReplicaStatus) -> str:
         lost = lost_rank_line(Path(handle.extras["log_path"]))
+        if lost is None:
+            lost = self._lost_with_rendezvous(Path(handle.extras["log_path"]))
         if lost is not None:
             return redact(lost, self._secret_values)
         return super()._failure_detail(handle, status).replace(f"rank {handle.rank}:", f"node {handle.rank}:", 1)
+
+
+    def _lost_with_rendezvous(self, log_path: Path) -> str | None:
+        # The agent itself died because the rendezvous store (node rank 0's agent) went
+        # away, and it stopped this node's workers before their watchers could speak.
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if "RendezvousConnectionError" not in text:
+            return None
+        ours = {int(r) for r in re.findall(rf"{JOINED_PREFIX} (\d+) of", text)}
+        others = ", ".join(str(r) for r in range(self.world_size) if r not in ours) or "?"
+        return (f"{LOST_LINE_PREFIX} {others} (node rank 0, host of the rendezvous at {self.rdzv_endpoint}): "
+                f"its store stopped answering; seen by node {self.node_rank}")
 
 
 def lost_rank_line(log_path: Path) -> str | None:
