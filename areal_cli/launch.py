@@ -1,9 +1,13 @@
-"""`areal launch`: one training job as several replicas, locally, on Modal or on HF Jobs.
+"""`areal launch`: one training job as several replicas: locally, on Modal or HF Jobs, or
+over several machines with torchrun, Slurm or Ray.
 
     areal launch --replicas 2 config=smoke                              # 2 local processes
     areal launch --backend modal --gpu H100 config=gsm8k_grpo --dry-run
     areal launch --backend modal --replicas 2 --gpu H100:8 --modal-clustered config=gsm8k_grpo
     areal launch --backend hf-jobs --replicas 2 --gpu a10g-small --image IMAGE config=gsm8k_grpo
+    areal launch --backend torchrun --nnodes 2 --node-rank 0 --rdzv-endpoint HOST:PORT config=...   # per node
+    areal launch --backend slurm --nnodes 2 --gpus-per-node 8 --partition P --dry-run config=...
+    areal launch --backend ray --replicas 2 config=smoke
     areal launch status RUN · areal launch logs RUN --rank 1 · areal launch cancel RUN
 
 Launch options come first, then `config=NAME` and Hydra overrides, which are checked here

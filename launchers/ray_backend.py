@@ -169,8 +169,9 @@ class RayExecutor(PollingCollect):
         if not ready:
             raise TimeoutError(f"Ray could not place {n_replicas} bundle(s) of {self._bundle()} within "
                                f"{self.ready_timeout:g} s: {ray.available_resources()} available")
-        runner = ray.remote(_Runner).options(max_concurrency=4, num_cpus=0)
-        actors = [runner.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        runner = ray.remote(_Runner)
+        # num_cpus=0: the bundle's CPUs are the replica subprocess's, not the actor's.
+        actors = [runner.options(max_concurrency=4, num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self._placement, placement_group_bundle_index=rank)).remote() for rank in range(n_replicas)]
         places = ray.get([a.where.remote() for a in actors])
         master_addr, master_port, _ = places[0]
@@ -281,6 +282,14 @@ class RayExecutor(PollingCollect):
         if self.address:
             ray.init(address=self.address, log_to_driver=False)
         else:
+            # The actors import this module: a Ray started here sees this checkout first,
+            # whatever copy of areal its Python has installed.
+            root = str(Path(__file__).resolve().parents[1])
+            paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if root not in paths:
+                os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, paths)])
+            # Ray gives its raylet 30 s to register, too little on a busy small machine.
+            os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
             ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False,
                      num_cpus=max(os.cpu_count() or 1, int(n_replicas * self.cpus + 0.999)),
                      num_gpus=int(n_replicas * self.gpus + 0.999) if self.gpus else None)

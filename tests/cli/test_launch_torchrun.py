@@ -4,20 +4,25 @@ with one line naming the lost rank and nothing left running; the next launch res
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
 
 import psutil
 import pytest
+from typer.testing import CliRunner
 
+from areal_cli.main import app
 from launchers.local import find_free_port
 from tests.cli.test_launch_faults import Launch
 from tests.cli.test_train_async import SIGNAL
 from tests.conftest import REPO, areal_cli, cli_env
 from workflows.metrics.stats import read_stats
 
-HEARTBEAT_S = 5.0
+# Long enough that a rank holding the GIL for seconds (loading a model) is not declared
+# lost on a busy 2-core machine; short enough to keep the test quick.
+HEARTBEAT_S = 15.0
 
 
 def node_command(tmp_path, port: int, node: int, run_id: str, *words: str) -> list[str]:
@@ -32,24 +37,21 @@ def two_nodes(tmp_path, run_id: str, *words: str) -> list[Launch]:
 
 
 def test_dry_run_shows_the_torchrun_command_of_this_node(tmp_path):
-    result = subprocess.run(
-        areal_cli("launch", "--backend", "torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", "1",
-                  "--rdzv-endpoint", "node0.example:29400", "--max-restarts", "3", "--dry-run",
-                  "--run-root", str(tmp_path), "config=smoke", "dataset.batch_size=4"),
-        capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    import json
-
+    result = CliRunner().invoke(app, [
+        "launch", "--backend", "torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", "1",
+        "--rdzv-endpoint", "node0.example:29400", "--max-restarts", "3", "--dry-run", "--run-root", str(tmp_path),
+        "config=smoke", "dataset.batch_size=4"])
+    assert result.exit_code == 0, result.output
     (node,) = json.loads(result.stdout)["submission"]
     argv = node["argv"]
     assert argv[1:3] == ["-m", "torch.distributed.run"] and node["rank"] == 1
-    opts = dict(zip(argv[3:argv.index("--no-python")][::2], argv[3:argv.index("--no-python")][1::2]))
-    assert opts == {"--nnodes": "2", "--nproc-per-node": "2", "--node-rank": "1", "--rdzv-backend": "c10d",
-                    "--rdzv-endpoint": "node0.example:29400", "--rdzv-id": "areal",
-                    "--rdzv-conf": "join_timeout=600,is_host=false", "--max-restarts": "3", "--monitor-interval": "0.5"}
+    options = argv[3:argv.index("--no-python")]
+    assert dict(zip(options[::2], options[1::2])) == {
+        "--nnodes": "2", "--nproc-per-node": "2", "--node-rank": "1", "--rdzv-backend": "c10d",
+        "--rdzv-endpoint": "node0.example:29400", "--rdzv-id": "areal", "--rdzv-conf": "join_timeout=600,is_host=false",
+        "--max-restarts": "3", "--monitor-interval": "0.5"}
     assert argv[argv.index("--no-python") + 1:][-3:] == ["train", "config=smoke", "dataset.batch_size=4"]
-    assert node["log_path"].endswith("node1.log")
+    assert node["log_path"].endswith("node1.log") and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -59,10 +61,9 @@ def test_dry_run_shows_the_torchrun_command_of_this_node(tmp_path):
     (["--nnodes", "2", "--replicas", "3", "--rdzv-endpoint", "127.0.0.1:1"], "--replicas 3 != --nnodes 2"),
 ])
 def test_bad_node_flags_exit_2(tmp_path, flags, message):
-    result = subprocess.run(areal_cli("launch", "--backend", "torchrun", *flags, "--dry-run", "--run-root",
-                                      str(tmp_path), "config=smoke"),
-                            capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=60)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+    result = CliRunner().invoke(app, ["launch", "--backend", "torchrun", *flags, "--dry-run", "--run-root",
+                                      str(tmp_path), "config=smoke"])
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 @pytest.mark.slow
@@ -114,7 +115,7 @@ def test_sigkill_of_node_1_is_named_by_node_0_and_the_next_launch_resumes(tmp_pa
     assert len(lost) == 1 and lost[0].startswith("node ") and " failed areal: lost rank 1 (node " in lost[0], \
         stderr[-3000:]
     # Detected within the heartbeat timeout, plus torch elastic stopping its workers.
-    assert took < HEARTBEAT_S + 20, took
+    assert took < HEARTBEAT_S + 30, took
     assert node0.orphans() == [] and node1.orphans() == []
     node1.finish()
 

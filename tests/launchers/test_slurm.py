@@ -11,7 +11,9 @@ import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from areal_cli.main import app
 from launchers.executor import ReplicaSpec
 from launchers.slurm import SlurmExecutor, slurm_time
 from tests.conftest import REPO, areal_cli, cli_env
@@ -19,20 +21,18 @@ from tests.conftest import REPO, areal_cli, cli_env
 TOKEN = "hf_QWERTYUIOPASDFGHJKLZXCVBNM123456"
 
 
-def dry_run(tmp_path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        areal_cli("launch", "--backend", "slurm", *flags, "--dry-run", "--run-root", str(tmp_path), "--run-id", "big",
-                  "config=smoke", "dataset.batch_size=16"),
-        capture_output=True, text=True, cwd=REPO, env={**cli_env(), "HF_TOKEN": TOKEN}, timeout=60,
-    )
+def dry_run(tmp_path, monkeypatch, *flags: str):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return CliRunner().invoke(app, ["launch", "--backend", "slurm", *flags, "--dry-run", "--run-root", str(tmp_path),
+                                    "--run-id", "big", "config=smoke", "dataset.batch_size=16"])
 
 
-def test_the_two_nodes_by_eight_gpus_script(tmp_path):
-    result = dry_run(tmp_path, "--nnodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj",
+def test_the_two_nodes_by_eight_gpus_script(tmp_path, monkeypatch):
+    result = dry_run(tmp_path, monkeypatch, "--nnodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj",
                      "--timeout", "7200", "--secret", "HF_TOKEN", "--env", "WANDB_MODE=offline")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.output
     script = result.stdout
-    assert TOKEN not in script + result.stderr
+    assert TOKEN not in result.output
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", script, re.M))
     assert directives == {"job-name": "areal-big", "nodes": "2", "ntasks-per-node": "1", "gpus-per-node": "8",
                           "time": "0-02:00:00", "output": f"{(tmp_path / 'big').resolve()}/slurm-%j.out",
@@ -51,9 +51,9 @@ def test_the_two_nodes_by_eight_gpus_script(tmp_path):
     assert checked.returncode == 0, checked.stderr
 
 
-def test_world_size_must_match_the_nodes(tmp_path):
-    result = dry_run(tmp_path, "--nnodes", "2", "--gpus-per-node", "8", "--replicas", "8")
-    assert result.returncode == 2 and "--replicas 8 != --nnodes 2 x --nproc-per-node 8" in result.stderr
+def test_world_size_must_match_the_nodes(tmp_path, monkeypatch):
+    result = dry_run(tmp_path, monkeypatch, "--nnodes", "2", "--gpus-per-node", "8", "--replicas", "8")
+    assert result.exit_code == 2 and "--replicas 8 != --nnodes 2 x --nproc-per-node 8" in result.output
 
 
 def test_slurm_time_rounds_up_to_minutes():
