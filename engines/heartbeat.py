@@ -144,16 +144,16 @@ class Heartbeat:
                 # A rank that has not published yet reads as absent; its clock runs from start().
                 present = [k for k in keys if self.store.check([k])]
                 values = dict(zip(present, self.store.multi_get(present))) if present else {}
+                for rank in peers:
+                    if rank not in self._places:
+                        self._learn_place(rank)
                 store_ok_at = now
             except Exception as exc:  # the store's host is gone (or unreachable)
                 if now - store_ok_at >= self.timeout:
                     self._report(0, f"the job's store stopped answering for {now - store_ok_at:.1f} s "
-                                    f"({type(exc).__name__}); it lives with rank 0", ask_store=False)
+                                    f"({type(exc).__name__}); it lives with rank 0")
                     return
                 continue
-            for rank in peers:
-                if rank not in self._places:
-                    self._learn_place(rank)
             for rank, key in zip(peers, keys):
                 value = values.get(key)
                 last_value, since = seen[rank]

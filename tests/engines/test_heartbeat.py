@@ -57,13 +57,16 @@ def test_a_store_that_stops_answering_names_rank_0():
     port = find_free_port()
     server = store(port, True)
     reports = Reports()
+    rank0 = Heartbeat(store(port, False), rank=0, world_size=2, timeout=60.0, interval=0.2, on_lost=print).start()
     beat = Heartbeat(store(port, False, timeout=1.0), rank=1, world_size=2, timeout=2.0, interval=0.2,
                      on_lost=reports)
     beat.start()
-    del server  # the store's host is gone
+    time.sleep(0.5)
+    rank0._stop.set()
+    del server  # the store's host is gone, with rank 0
     assert reports.event.wait(30)
     (_, line), = reports.lines
-    assert line.startswith(f"{LOST_LINE_PREFIX} 0:") and "store stopped answering" in line
+    assert line.startswith(f"{LOST_LINE_PREFIX} 0 (node ") and "store stopped answering" in line  # where, learnt earlier
 
 
 def test_bad_timeouts_are_refused():
