@@ -50,16 +50,19 @@ class _Runner:
     def __init__(self) -> None:
         self.proc = None
 
-    def where(self) -> tuple[str, int, int]:
-        """(this node's address, a port free on it now, this worker's pid)."""
-        import socket
-
+    def where(self) -> tuple[str, int]:
+        """(the Ray node id this actor runs on, this worker's pid)."""
         import ray
 
-        host = ray.util.get_node_ip_address()
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    def free_port(self, host: str) -> int:
+        """A TCP port free on `host` (this node's address) a moment ago."""
+        import socket
+
         with socket.socket() as sock:
             sock.bind((host, 0))
-            return host, sock.getsockname()[1], os.getpid()
+            return sock.getsockname()[1]
 
     def run(self, argv: list[str], env: dict[str, str], log_path: str, cwd: str | None) -> int:
         import ctypes
@@ -173,14 +176,18 @@ class RayExecutor(PollingCollect):
         # num_cpus=0: the bundle's CPUs are the replica subprocess's, not the actor's.
         actors = [runner.options(max_concurrency=4, num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self._placement, placement_group_bundle_index=rank)).remote() for rank in range(n_replicas)]
-        places = ray.get([a.where.remote() for a in actors])
-        master_addr, master_port, _ = places[0]
-        per_node = {host: sum(1 for h, _, _ in places if h == host) for host, _, _ in places}
+        # The address Ray itself uses for each node (127.0.0.1 for a Ray started here),
+        # rather than whatever interface the node's routing table prefers.
+        addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        places = [(addresses[node_id], pid) for node_id, pid in ray.get([a.where.remote() for a in actors])]
+        master_addr = places[0][0]
+        master_port = ray.get(actors[0].free_port.remote(master_addr))
+        per_node = {host: sum(1 for h, _ in places if h == host) for host, _ in places}
         handles = []
-        for rank, (actor, (host, _, pid)) in enumerate(zip(actors, places)):
+        for rank, (actor, (host, pid)) in enumerate(zip(actors, places)):
             env = {**spec.env, **spec.secrets, **rank_env(rank=rank, world_size=n_replicas, master_addr=master_addr,
                                                           master_port=master_port, replicas_per_node=per_node[host])}
-            env["LOCAL_RANK"] = str(sum(1 for h, _, _ in places[:rank] if h == host))
+            env["LOCAL_RANK"] = str(sum(1 for h, _ in places[:rank] if h == host))
             log_path = str((self.run_dir / f"rank{rank}.log").resolve())
             self._actors[rank], self._started_at[rank] = actor, time.time()
             self._runs[rank] = actor.run.remote(list(spec.entrypoint), env, log_path, os.getcwd())
