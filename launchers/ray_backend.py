@@ -21,6 +21,7 @@ of this driver's session: `areal launch status` from another process cannot re-a
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,7 +132,11 @@ class RayExecutor(PollingCollect):
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # Ray reports usage to its makers unless told not to: nothing leaves this machine.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        import ray  # noqa: F401  (fail at construction, with the install hint, not mid-launch)
+        import ray  # (fail at construction, with the install hint, not mid-launch)
+
+        if address is None and sys.modules.get("ray._private.ray_constants") is not None:
+            # ray was imported before the variable above was set (it reads it at import).
+            ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
         self.run_dir = Path(run_dir)
         self.address, self.cpus, self.gpus = address, cpus_per_replica, gpus_per_replica

@@ -8,6 +8,7 @@ Slow (starting Ray alone takes ~25 s on a busy 2-core machine); skipped without 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import time
 import psutil
 import pytest
 
+# Before ray is imported (it reads this then): Ray on 127.0.0.1 only, as RayExecutor sets it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 pytest.importorskip("ray")
 
 from launchers.executor import ReplicaSpec, ReplicaState  # noqa: E402
