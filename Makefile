@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # GSM8K is openai/gsm8k from the hub, or offline the copy shipped in the package.
 ARGS   ?=
 
-.PHONY: install install-vllm learn train smoke test test-slow bench bench-control bench-peer bench-rollout lint clean
+.PHONY: install install-ray install-vllm learn train smoke test test-slow bench bench-control bench-peer bench-rollout lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Ray for `areal launch --backend ray` (about 240 MB; its tests are slow ones).
+install-ray: install
+	$(PY) -m pip install -q torch==2.13.0 -e ".[ray]"
+	$(PY) -c "import ray; print('ray', ray.__version__)"
 
 # vLLM for rollout.backend=vllm, in its own environment (it pins torch and transformers
 # versions of its own; engines/servers.py finds .venv-vllm/). The CPU build by default;

@@ -1,9 +1,13 @@
-"""`areal launch`: one training job as several replicas, locally, on Modal or on HF Jobs.
+"""`areal launch`: one training job as several replicas: locally, on Modal or HF Jobs, or
+over several machines with torchrun, Slurm or Ray.
 
     areal launch --replicas 2 config=smoke                              # 2 local processes
     areal launch --backend modal --gpu H100 config=gsm8k_grpo --dry-run
     areal launch --backend modal --replicas 2 --gpu H100:8 --modal-clustered config=gsm8k_grpo
     areal launch --backend hf-jobs --replicas 2 --gpu a10g-small --image IMAGE config=gsm8k_grpo
+    areal launch --backend torchrun --nnodes 2 --node-rank 0 --rdzv-endpoint HOST:PORT config=...   # per node
+    areal launch --backend slurm --nnodes 2 --gpus-per-node 8 --partition P --dry-run config=...
+    areal launch --backend ray --replicas 2 config=smoke
     areal launch status RUN · areal launch logs RUN --rank 1 · areal launch cancel RUN
 
 Launch options come first, then `config=NAME` and Hydra overrides, which are checked here
@@ -16,7 +20,6 @@ redacted. Handles are kept in `<run-root>/<RUN>/handles.json` for status/logs/ca
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import re
@@ -35,6 +38,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from areal_cli.console import err, resolve_or_exit
+from areal_cli.launch_backends import LOCAL_PYTHON, NODE_BACKENDS, Backend, make_executor, world_size
 from launchers.executor import (
     ReplicaHandle,
     ReplicaSpec,
@@ -54,12 +58,6 @@ COLLECT_SLACK_S = 600.0
 PASSTHROUGH_KEY = "areal.launch.words"
 _CREDENTIAL_NAME = re.compile(r"(^|_)(TOKEN|SECRET|KEY|APIKEY|PASSWORD|PASSWD|CREDENTIALS?)S?(_|$)", re.IGNORECASE)
 
-
-
-class Backend(str, enum.Enum):
-    local = "local"
-    modal = "modal"
-    hf_jobs = "hf-jobs"
 
 
 class _LaunchGroup(TyperGroup):
@@ -99,7 +97,25 @@ launch_app = typer.Typer(
 def launch(
     ctx: typer.Context,
     backend: Backend = typer.Option(Backend.local, "--backend", "-b", help="Where the replicas run."),
-    replicas: int = typer.Option(1, "--replicas", "-n", min=1, help="Number of replicas (world size)."),
+    replicas: int | None = typer.Option(
+        None, "--replicas", "-n", min=1, help="Number of replicas (world size); default 1, or nnodes x nproc-per-node."
+    ),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="torchrun/slurm: number of nodes."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="torchrun: this node's rank (0 hosts the rendezvous)."),
+    nproc_per_node: int | None = typer.Option(
+        None, "--nproc-per-node", min=1, help="torchrun/slurm: ranks per node; default --gpus-per-node, else 1."
+    ),
+    gpus_per_node: int = typer.Option(0, "--gpus-per-node", min=0, help="slurm/ray: GPUs per node (ray: shared by its ranks)."),
+    rdzv_endpoint: str | None = typer.Option(
+        None, "--rdzv-endpoint", help="torchrun: HOST:PORT of node 0's rendezvous store (default 127.0.0.1:free port, 1 node)."
+    ),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="torchrun/slurm: torch elastic restarts per node."),
+    rdzv_timeout: float = typer.Option(600.0, "--rdzv-timeout", min=1, help="torchrun/slurm: seconds to wait for all nodes."),
+    partition: str | None = typer.Option(None, help="slurm: partition."),
+    account: str | None = typer.Option(None, help="slurm: account."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="ray: an existing cluster's address; default a new local one on 127.0.0.1."
+    ),
     gpu: str | None = typer.Option(
         None, "--gpu", "--flavor", help="Modal GPU ('H100', 'A100-80GB:8') or HF Jobs flavor ('a10g-small')."
     ),
@@ -133,9 +149,14 @@ def launch(
     late = [w for w in words if w.startswith("-")]
     if late:
         _fail(f"launch options go before the config words: move {' '.join(late)} before config=...")
+    nproc_per_node = nproc_per_node or gpus_per_node or 1
+    try:
+        replicas = world_size(backend, replicas, nnodes, nproc_per_node)
+    except ValueError as exc:
+        _fail(str(exc))
     # A config mistake exits 2 before any replica starts. Local paths are only checked
     # where the replicas will see this machine's files.
-    resolve_or_exit(words, world_size=replicas, check_paths=backend is Backend.local)
+    resolve_or_exit(words, world_size=replicas, check_paths=backend in LOCAL_PYTHON)
 
     env_vars = _parse_env(env)
     secret_values = {}
@@ -143,7 +164,7 @@ def launch(
         if name not in os.environ:
             _fail(f"--secret {name}: {name} is not set in this shell's environment")
         secret_values[name] = os.environ[name]
-    if backend is Backend.local:
+    if backend in LOCAL_PYTHON:
         base = [sys.executable, "-m", "areal_cli.main", "train"]
     else:
         base = ["python", "-m", "areal_cli.main", "train"]
@@ -158,14 +179,22 @@ def launch(
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets_lib.token_hex(2)
     run_dir = run_root / run_id
     options = {"clustered": modal_clustered, "namespace": namespace, "grace_period": grace_period,
-               "fail_fast": fail_fast}
+               "fail_fast": fail_fast, "nnodes": nnodes, "node_rank": node_rank, "nproc_per_node": nproc_per_node,
+               "gpus_per_node": gpus_per_node, "rdzv_endpoint": rdzv_endpoint, "rdzv_id": "areal",  # the same on every node (run ids may differ); the endpoint names the job
+               "max_restarts": max_restarts, "rdzv_timeout": rdzv_timeout, "partition": partition,
+               "account": account, "ray_address": ray_address,
+               "gpus_per_replica": gpus_per_node / max(1, replicas) if backend is Backend.ray else 0.0}
     executor = make_executor(backend.value, run_dir=run_dir, options=options)
+    takes_run_id = backend not in LOCAL_PYTHON
 
     if dry_run:
         try:
-            plan = executor.plan(spec, replicas) if backend is Backend.local else executor.plan(spec, replicas, run_id=run_id)
+            plan = executor.plan(spec, replicas, run_id=run_id) if takes_run_id else executor.plan(spec, replicas)
         except ValueError as exc:
             _fail(str(exc))
+        if backend is Backend.slurm:
+            typer.echo(plan["script"], nl=False)  # the script itself, ready for sbatch
+            return
         payload = {
             "backend": backend.value,
             "replicas": replicas,
@@ -186,15 +215,20 @@ def launch(
             "independently (no torch.distributed rendezvous). For Modal, use --modal-clustered."
         )
     try:
-        if backend is Backend.local:
-            handles = executor.launch_replicas(spec, replicas)
-        else:
+        if takes_run_id:
             handles = executor.launch_replicas(spec, replicas, run_id=run_id)
+        else:
+            handles = executor.launch_replicas(spec, replicas)
     except ValueError as exc:
         _fail(str(exc))
+    except (RuntimeError, FileNotFoundError) as exc:  # sbatch missing or refusing, Ray not starting
+        err.print(redact(f"error: {exc}", secret_values.values()), markup=False, highlight=False)
+        raise typer.Exit(code=1) from None
     save_handles(run_dir, handles, backend=backend.value, run_id=run_id, world_size=replicas, options=options,
                  spec=spec.public_dict())
-    err.print(f"launched [bold]{run_id}[/]: {replicas} replica(s) on {backend.value}; records in {run_dir}")
+    where = {Backend.torchrun: f" (node {node_rank} of {nnodes})",
+             Backend.slurm: f" as Slurm job {handles[0].remote_id}"}.get(backend, "")
+    err.print(f"launched [bold]{run_id}[/]: {replicas} replica(s) on {backend.value}{where}; records in {run_dir}")
     if detach:
         err.print(f"follow with: areal launch status {run_id} · logs {run_id} · cancel {run_id}")
         return
@@ -207,9 +241,10 @@ def launch(
             executor.cancel(handle)
         raise typer.Exit(code=130) from None
     write_results(run_dir, results)
+    unit = "node" if backend in NODE_BACKENDS else "rank"
     for result in results:
         if result.state is not ReplicaState.SUCCEEDED:
-            err.print(f"[red]rank {result.rank} {result.state.value}[/]", end=" ")
+            err.print(f"[red]{unit} {result.rank} {result.state.value}[/]", end=" ")
             err.print(redact(result.error, secret_values.values()), markup=False, highlight=False)
     failed = [r for r in results if r.state is not ReplicaState.SUCCEEDED]
     if failed:
@@ -258,28 +293,6 @@ def cancel(
 # ---------------------------------------------------------------------------------------
 
 
-def make_executor(backend: str, *, run_dir: Path, options: dict[str, Any]) -> Any:
-    """The executor for `backend`; exits 1 with an install hint when its SDK is missing."""
-    try:
-        if backend == "local":
-            from launchers.local import LocalProcessExecutor
-
-            return LocalProcessExecutor(run_dir, grace_period=options.get("grace_period", 5.0),
-                                        fail_fast=options.get("fail_fast", True))
-        if backend == "modal":
-            from launchers.modal_backend import ModalExecutor
-
-            return ModalExecutor(clustered=bool(options.get("clustered")), fail_fast=options.get("fail_fast", True))
-        if backend == "hf-jobs":
-            from launchers.hf_jobs import HFJobsExecutor
-
-            return HFJobsExecutor(namespace=options.get("namespace"), fail_fast=options.get("fail_fast", True))
-    except ImportError as exc:
-        err.print(f"[bold red]error:[/] the {backend} backend needs its SDK ({exc.name}): pip install 'areal[cloud]'")
-        raise typer.Exit(code=1) from None
-    _fail(f"unknown backend {backend!r} (local, modal, hf-jobs)")
-
-
 def _parse_env(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -316,8 +329,11 @@ def _table(handles: list[ReplicaHandle], statuses: list[ReplicaStatus]) -> Table
 def _collect_live(executor: Any, handles: list[ReplicaHandle], timeout: float) -> list:
     with Live(_table(handles, [ReplicaStatus(ReplicaState.PENDING)] * len(handles)), console=err,
               refresh_per_second=4, transient=False) as live:
-        return executor.collect(handles, timeout=timeout,
-                                on_update=lambda hs, sts: live.update(_table(hs, sts)))
+        results = executor.collect(handles, timeout=timeout,
+                                   on_update=lambda hs, sts: live.update(_table(hs, sts)))
+    if not err.is_terminal:
+        err.print()  # end the table's last line, so each verdict below is a line of its own
+    return results
 
 
 def _reattach(run: str, run_root: Path) -> tuple[Any, list[ReplicaHandle], dict[str, Any]]:

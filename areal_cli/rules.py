@@ -241,6 +241,8 @@ HAND_WRITTEN: tuple[Rule, ...] = (
     Rule("trainer.save_freq_steps", at_least(0), "must be >= 0 (0 saves only at the end)"),
     Rule("trainer.eval_freq_steps", at_least(0), "must be >= 0 (0 never evaluates)"),
     Rule("trainer.recover_freq_steps", at_least(0), "must be >= 0, or null to follow save_freq_steps", optional=True),
+    Rule("trainer.dist_timeout_s", greater_than(0), "must be > 0 (seconds)"),
+    Rule("trainer.heartbeat_timeout_s", at_least(0), "must be >= 0 (seconds; 0 disables the heartbeat watch)"),
     Rule("stats_logger.print_every", at_least(1), "must be >= 1 (steps)"),
     Rule("stats_logger.file_name", plain_name, "must be a file name without '/'"),
     Rule("stats_logger.wandb_project", plain_name, "must be a W&B project name without '/'"),

@@ -1,6 +1,8 @@
-"""How a job is placed: one or many replicas on local processes, Modal or Hugging Face Jobs.
+"""How a job is placed: one or many replicas on local processes, Modal or Hugging Face Jobs,
+or over several machines: torch elastic (`launchers.torchrun`), Slurm (`launchers.slurm`),
+Ray (`launchers.ray_backend`).
 
-Importing this package never imports a cloud SDK; the adapters import theirs when built.
+Importing this package never imports a cloud SDK or ray; the adapters import theirs when built.
 """
 
 from launchers.executor import (
@@ -15,6 +17,8 @@ from launchers.executor import (
 from launchers.hf_jobs import HFJobsExecutor
 from launchers.local import LocalProcessExecutor
 from launchers.modal_backend import ModalExecutor
+from launchers.slurm import SlurmExecutor
+from launchers.torchrun import TorchrunExecutor
 
 __all__ = [
     "HFJobsExecutor",
@@ -26,5 +30,7 @@ __all__ = [
     "ReplicaState",
     "ReplicaStatus",
     "ServerlessExecutor",
+    "SlurmExecutor",
+    "TorchrunExecutor",
     "redact",
 ]

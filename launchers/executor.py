@@ -152,7 +152,9 @@ class ReplicaResult:
 class ServerlessExecutor(Protocol):
     """Places one job as `n_replicas` processes somewhere and watches them.
 
-    Implementations: `LocalProcessExecutor`, `ModalExecutor`, `HFJobsExecutor`.
+    Implementations: `LocalProcessExecutor`, `ModalExecutor`, `HFJobsExecutor`, and for
+    clusters `TorchrunExecutor` (one node of a torch elastic job), `SlurmExecutor`
+    (one sbatch job) and `RayExecutor` (one actor per rank).
     `supports_inter_replica_network` says whether the replicas can reach each other
     (needed for torch.distributed rendezvous when there is more than one).
     """

@@ -119,7 +119,8 @@ class LocalProcessExecutor(PollingCollect):
         self._secret_values.extend(spec.secrets.values())
         handles: list[ReplicaHandle] = []
         try:
-            for rank, plan in enumerate(plans):
+            for index, plan in enumerate(plans):
+                rank = plan.get("rank", index)  # a torchrun node's one plan carries its node rank
                 env = {**os.environ, **plan["env"], **spec.secrets}
                 with open(plan["log_path"], "wb") as log:
                     proc = subprocess.Popen(

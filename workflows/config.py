@@ -207,6 +207,14 @@ class TrainerConfig:
         "Steps between recover checkpoints (weights, optimizer, RNG, data position; see "
         "workflows/training/recover.py). null: the same as save_freq_steps; 0: only at the end.",
     )
+    dist_timeout_s: float = option(
+        600.0, "Seconds each replica waits for the others at the rendezvous and in every collective (gloo/NCCL)."
+    )
+    heartbeat_timeout_s: float = option(
+        60.0,
+        "Seconds without a heartbeat from another replica before it is declared lost: the survivors print one "
+        "line naming its rank and exit 75 (engines/heartbeat.py); 0 disables the watch. Replicas >= 2 only.",
+    )
 
 
 @dataclass

@@ -202,12 +202,18 @@ def run_training(cfg: ExperimentConfig, worker_launcher: Optional[WorkerLauncher
 
     with stop_on_signals(describe):
         try:
-            dist_ctx = init_distributed()
+            dist_ctx = init_distributed(cfg.trainer.dist_timeout_s, cfg.trainer.heartbeat_timeout_s)
             try:
                 return _train(cfg, dist_ctx, worker_launcher)
+            except Exception as exc:
+                # A collective that failed because a peer vanished: the heartbeat names
+                # the lost rank in one line and ends the process, instead of a traceback.
+                if dist_ctx.heartbeat is not None:
+                    dist_ctx.heartbeat.await_verdict(exc)
+                raise
             finally:
                 with deferred_stop():
-                    shutdown_distributed()
+                    shutdown_distributed(dist_ctx)
         except RunInterrupted as exc:
             _locate(exc, run_dir)
             raise
