@@ -15,7 +15,9 @@ synthetic batch (2 rows of `--seq` tokens per rank). Per rank it measures:
 * peak RSS over the whole process (`VmHWM`: model build included) and over the step alone
   (the high-water mark is reset through `/proc/self/clear_refs` before it).
 
-The table is Markdown, for docs/benchmarks.md; the LoRA row is left for `actor.lora`.
+The table is Markdown, for docs/benchmarks.md. The LoRA row trains rank-32 adapters on
+every linear layer (`arith_grpo_lora`'s setting) over DDP replicas: the frozen base
+weights count as parameters, only the adapters have gradients and AdamW state.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ sys.path.insert(0, str(REPO))
 
 SMOLLM2_360M = dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                     num_key_value_heads=5, head_dim=64)
-MODES = {"ddp": ("ddp", False), "fsdp2": ("fsdp2", False), "fsdp2_offload": ("fsdp2", True)}
-LABELS = {"ddp": "DDP", "fsdp2": "FSDP2", "fsdp2_offload": "FSDP2 + CPU offload"}
+# mode: (actor.parallelism, actor.cpu_offload, LoRA rank or None)
+MODES = {"ddp": ("ddp", False, None), "fsdp2": ("fsdp2", False, None), "fsdp2_offload": ("fsdp2", True, None),
+         "lora": ("ddp", False, 32)}
+LABELS = {"ddp": "DDP", "fsdp2": "FSDP2", "fsdp2_offload": "FSDP2 + CPU offload",
+          "lora": "LoRA r=32 all-linear (DDP)"}
 WORLD_SIZE = 2
 GB = 1e9
 
@@ -58,7 +63,7 @@ def _rank(rank: int, world_size: int, port: int, mode: str, overrides: dict, seq
     import torch
     import torch.distributed as dist
 
-    from engines.config import ActorConfig, ModelConfig, OptimizerConfig
+    from engines.config import ActorConfig, LoraConfig, ModelConfig, OptimizerConfig
     from engines.distributed import DistributedContext
     from engines.model import load_model, resolve_model_dir
     from engines.train_engine import TrainEngine
@@ -72,9 +77,12 @@ def _rank(rank: int, world_size: int, port: int, mode: str, overrides: dict, seq
         model_dir = resolve_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct")
         model = load_model(ModelConfig(init_from_scratch=True, config_overrides=overrides), model_dir, seed=0)
         params = sum(p.numel() for p in model.parameters())
-        parallelism, offload = MODES[mode]
+        parallelism, offload, lora_rank = MODES[mode]
+        lora = LoraConfig()
+        if lora_rank:
+            lora = LoraConfig(enabled=True, rank=lora_rank, alpha=float(lora_rank), target_modules=["all-linear"])
         cfg = ActorConfig(optimizer=OptimizerConfig(lr=1e-5), parallelism=parallelism, cpu_offload=offload,
-                          max_tokens_per_mb=4 * seq)
+                          max_tokens_per_mb=4 * seq, lora=lora)
         engine = TrainEngine(cfg, model, total_steps=1, max_sequence_tokens=seq, temperature=1.0,
                              dist_ctx=DistributedContext(rank=rank, world_size=world_size, store=store))
         grads = []
@@ -140,7 +148,6 @@ def table(results: dict[str, list[dict]]) -> str:
             f"| {LABELS[mode]} | {worst['param_bytes'] / GB:.2f} | {worst['grad_bytes'] / GB:.2f} | "
             f"{worst['optim_bytes'] / GB:.2f} | {_state(worst) / GB:.2f} | {ratio} | "
             f"{max(r['step_peak_rss'] for r in ranks) / GB:.2f} | {max(r['peak_rss'] for r in ranks) / GB:.2f} |")
-    lines.append("| LoRA (`actor.lora`) | (filled by the LoRA branch) | | | | | | |")
     return "\n".join(lines)
 
 
