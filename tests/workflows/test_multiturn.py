@@ -94,7 +94,9 @@ def test_tool_episode_trains_exactly_the_sampled_and_appended_ids(tiny_model, to
     prompt = workflow._prompt_ids(row, env)
     assert '"name": "python"' in tok.decode(prompt)  # the tool's schema reached the prompt
     script = tok.encode(TOOL_CALL, add_special_tokens=False) + [tok.eos_token_id]
-    inner = LocalInferenceEngine(tiny_model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    # The sampler decodes from the trainer's own model (synchronous RL), which trains below.
+    inner = LocalInferenceEngine(tiny_model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 shares_weights=True)
     inner.set_version(3)
     engine = ScriptedFirstTurn(inner, tiny_model, script, len(prompt))
     try:
