@@ -35,6 +35,7 @@ from launchers.executor import (
     tail_lines,
     write_results,
 )
+from launchers.logs import follow_log
 
 LOCAL_MASTER_ADDR = "127.0.0.1"
 
@@ -185,27 +186,9 @@ class LocalProcessExecutor(PollingCollect):
 
     def stream_logs(self, handle: ReplicaHandle) -> Iterator[str]:
         """Lines of the replica's log file, following it until the replica ends."""
-        path = Path(handle.extras["log_path"])
-        while not path.exists():
-            if self.poll(handle).state.terminal:
-                return
-            time.sleep(self.poll_interval)
-        with open(path, "r", errors="replace") as f:
-            partial = ""
-            while True:
-                chunk = f.readline()
-                if chunk:
-                    partial += chunk
-                    if partial.endswith("\n"):
-                        yield redact(partial.rstrip("\n"), self._secret_values)
-                        partial = ""
-                    continue
-                if self.poll(handle).state.terminal:
-                    rest = partial + f.read()
-                    for line in rest.splitlines():
-                        yield redact(line, self._secret_values)
-                    return
-                time.sleep(self.poll_interval)
+        finished = lambda: self.poll(handle).state.terminal  # noqa: E731
+        for line in follow_log(Path(handle.extras["log_path"]), finished, self.poll_interval):
+            yield redact(line, self._secret_values)
 
     def cancel(self, handle: ReplicaHandle) -> None:
         """SIGTERM to the replica's process group, SIGKILL after `grace_period` seconds."""

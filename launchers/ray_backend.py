@@ -41,6 +41,7 @@ from launchers.executor import (
     tail_lines,
     write_results,
 )
+from launchers.logs import follow_log
 
 LOOPBACK = "127.0.0.1"
 
@@ -228,18 +229,9 @@ class RayExecutor(PollingCollect):
         return ReplicaStatus(ReplicaState.FAILED, code, f"exit code {code}")
 
     def stream_logs(self, handle: ReplicaHandle) -> Iterator[str]:
-        path = Path(handle.extras["log_path"])
-        offset = 0
-        while True:
-            terminal = self.poll(handle).state.terminal
-            if path.exists():
-                with open(path, errors="replace") as f:
-                    f.seek(offset)
-                    chunk, offset = f.read(), f.tell()
-                yield from (redact(line, self._secret_values) for line in chunk.splitlines())
-            if terminal:
-                return
-            time.sleep(self.poll_interval)
+        finished = lambda: self.poll(handle).state.terminal  # noqa: E731
+        for line in follow_log(Path(handle.extras["log_path"]), finished, self.poll_interval):
+            yield redact(line, self._secret_values)
 
     def cancel(self, handle: ReplicaHandle) -> None:
         """Stop the rank's subprocess (SIGTERM, SIGKILL after `grace_period`), then its actor."""

@@ -38,6 +38,7 @@ from launchers.executor import (
     tail_lines,
     write_results,
 )
+from launchers.logs import follow_log
 from launchers.torchrun import torchrun_args
 
 DEFAULT_RDZV_PORT = 29400
@@ -187,19 +188,9 @@ class SlurmExecutor(PollingCollect):
         return ReplicaStatus(ours, code, "" if ours is ReplicaState.SUCCEEDED else f"Slurm state {state}")
 
     def stream_logs(self, handle: ReplicaHandle) -> Iterator[str]:
-        path = Path(handle.extras["log_path"])
-        offset = 0
-        while True:
-            terminal = self.poll(handle).state.terminal
-            if path.exists():
-                with open(path, errors="replace") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                    offset = f.tell()
-                yield from (redact(line) for line in chunk.splitlines())
-            if terminal:
-                return
-            time.sleep(self.poll_interval)
+        finished = lambda: self.poll(handle).state.terminal  # noqa: E731
+        for line in follow_log(Path(handle.extras["log_path"]), finished, self.poll_interval):
+            yield redact(line)
 
     def cancel(self, handle: ReplicaHandle) -> None:
         _run(["scancel", handle.remote_id])

@@ -11,6 +11,39 @@ from collections.abc import Sequence
 import torch
 
 
+def pack_rows(
+    input_ids: Sequence[list[int]],
+    loss_masks: Sequence[list[int]],
+    logprobs: Sequence[list[float]],
+    versions: Sequence[list[int]],
+    rewards: Sequence[float],
+    *,
+    pad_token_id: int,
+) -> dict[str, torch.Tensor]:
+    """Right-pad n rows into a `Trajectory`'s tensors (workflows/api.py; all but
+    `prompt_id` and `epoch`, which the workflow adds): `input_ids`, `attention_mask`,
+    `loss_mask`, `versions` as `[n, L]` int64, `logprobs` `[n, L]` float32 and `rewards`
+    `[n]` float32, L the longest row. A row's four lists have one entry per token; its
+    untrained tokens carry logprob 0 and version -1, as does the padding."""
+    n, width = len(input_ids), max(len(ids) for ids in input_ids)
+    out = {
+        "input_ids": torch.full((n, width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros(n, width, dtype=torch.long),
+        "loss_mask": torch.zeros(n, width, dtype=torch.long),
+        "logprobs": torch.zeros(n, width, dtype=torch.float32),
+        "versions": torch.full((n, width), -1, dtype=torch.long),
+        "rewards": torch.tensor(list(rewards), dtype=torch.float32),
+    }
+    for i, ids in enumerate(input_ids):
+        length = len(ids)
+        out["input_ids"][i, :length] = torch.tensor(ids)
+        out["attention_mask"][i, :length] = 1
+        out["loss_mask"][i, :length] = torch.tensor(loss_masks[i])
+        out["logprobs"][i, :length] = torch.tensor(logprobs[i], dtype=torch.float32)
+        out["versions"][i, :length] = torch.tensor(versions[i])
+    return out
+
+
 def concat_padded_tensors(items: Sequence[dict[str, torch.Tensor]], pad_value: float = 0) -> dict[str, torch.Tensor]:
     """Concatenate trajectory dicts along dim 0, right-padding 2-D tensors along dim 1.
 

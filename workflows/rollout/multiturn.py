@@ -27,6 +27,7 @@ import torch
 from engines.config import GenerationConfig
 from engines.inference import GenerationRequest, InferenceEngine
 from workflows.api import Trajectory
+from workflows.rollout.batch import pack_rows
 from workflows.rollout.environments import Environment
 
 # Per-sample columns a multi-turn trajectory carries beside workflows/api.py's, each [n]
@@ -229,22 +230,8 @@ class MultiTurnWorkflow:
 def pack_episodes(episodes: list[Episode], *, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad episodes into a `Trajectory`'s tensors (all but `prompt_id` and `epoch`)
     plus the `EPISODE_KEYS` columns."""
-    n, width = len(episodes), max(len(e.input_ids) for e in episodes)
-    out = {
-        "input_ids": torch.full((n, width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros(n, width, dtype=torch.long),
-        "loss_mask": torch.zeros(n, width, dtype=torch.long),
-        "logprobs": torch.zeros(n, width, dtype=torch.float32),
-        "versions": torch.full((n, width), -1, dtype=torch.long),
-        "rewards": torch.tensor([e.reward for e in episodes], dtype=torch.float32),
-    }
-    for i, e in enumerate(episodes):
-        length = len(e.input_ids)
-        out["input_ids"][i, :length] = torch.tensor(e.input_ids)
-        out["attention_mask"][i, :length] = 1
-        out["loss_mask"][i, :length] = torch.tensor(e.loss_mask)
-        out["logprobs"][i, :length] = torch.tensor(e.logprobs, dtype=torch.float32)
-        out["versions"][i, :length] = torch.tensor(e.versions)
+    out = pack_rows([e.input_ids for e in episodes], [e.loss_mask for e in episodes], [e.logprobs for e in episodes],
+                    [e.versions for e in episodes], [e.reward for e in episodes], pad_token_id=pad_token_id)
     for key in EPISODE_KEYS:
         out[key] = torch.tensor([int(getattr(e, key)) for e in episodes], dtype=torch.long)
     return out

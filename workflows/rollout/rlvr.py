@@ -10,6 +10,7 @@ import torch
 from engines.config import GenerationConfig
 from engines.inference import GenerationRequest, GenerationResponse, InferenceEngine
 from workflows.api import Trajectory
+from workflows.rollout.batch import pack_rows
 from workflows.rollout.reward import RewardScorer
 
 
@@ -65,21 +66,11 @@ def pack_trajectory(
 ) -> dict[str, torch.Tensor]:
     """Right-pad prompt+completion rows into a `Trajectory`'s tensors (all but `prompt_id`
     and `epoch`, which the workflow adds)."""
-    n = len(responses)
-    width = max(len(r.input_ids) + len(r.output_ids) for r in responses)
-    out = {
-        "input_ids": torch.full((n, width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros(n, width, dtype=torch.long),
-        "loss_mask": torch.zeros(n, width, dtype=torch.long),
-        "logprobs": torch.zeros(n, width, dtype=torch.float32),
-        "versions": torch.full((n, width), -1, dtype=torch.long),
-        "rewards": torch.tensor(rewards, dtype=torch.float32),
-    }
-    for i, r in enumerate(responses):
-        p, c = len(r.input_ids), len(r.output_ids)
-        out["input_ids"][i, : p + c] = torch.tensor(r.input_ids + r.output_ids)
-        out["attention_mask"][i, : p + c] = 1
-        out["loss_mask"][i, p : p + c] = 1
-        out["logprobs"][i, p : p + c] = torch.tensor(r.output_logprobs, dtype=torch.float32)
-        out["versions"][i, p : p + c] = torch.tensor(r.output_versions)
-    return out
+    return pack_rows(
+        [r.input_ids + r.output_ids for r in responses],
+        [[0] * len(r.input_ids) + [1] * len(r.output_ids) for r in responses],
+        [[0.0] * len(r.input_ids) + list(r.output_logprobs) for r in responses],
+        [[-1] * len(r.input_ids) + list(r.output_versions) for r in responses],
+        rewards,
+        pad_token_id=pad_token_id,
+    )
