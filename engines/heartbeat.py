@@ -135,6 +135,7 @@ class Heartbeat:
         keys = [f"{KEY_PREFIX}{r}" for r in peers]
         seen: dict[int, tuple[bytes | None, float]] = {r: (None, time.monotonic()) for r in peers}
         store_ok_at = time.monotonic()
+        host_done = False  # rank 0, whose process hosts the store, ended in order
         count = 0
         while not self._stop.wait(self.interval):
             now = time.monotonic()
@@ -148,7 +149,10 @@ class Heartbeat:
                     if rank not in self._places:
                         self._learn_place(rank)
                 store_ok_at = now
+                host_done = self.rank != 0 and values.get(f"{KEY_PREFIX}0") == DONE.encode()
             except Exception as exc:  # the store's host is gone (or unreachable)
+                if host_done:
+                    return  # rank 0 finished on purpose and took its store with it: nobody was lost
                 if now - store_ok_at >= self.timeout:
                     self._report(0, f"the job's store stopped answering for {now - store_ok_at:.1f} s "
                                     f"({type(exc).__name__}); it lives with rank 0")

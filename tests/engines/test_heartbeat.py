@@ -69,6 +69,23 @@ def test_a_store_that_stops_answering_names_rank_0():
     assert line.startswith(f"{LOST_LINE_PREFIX} 0 (node ") and "store stopped answering" in line  # where, learnt earlier
 
 
+def test_a_store_that_goes_after_rank_0_finished_is_no_loss():
+    """Rank 0 ends in order (its beat says so) and its process takes the store with it,
+    while rank 1 is still finishing: rank 1 must not report rank 0 lost."""
+    port = find_free_port()
+    server = store(port, True)
+    reports = Reports()
+    rank0 = Heartbeat(store(port, False), rank=0, world_size=2, timeout=60.0, interval=0.2, on_lost=print).start()
+    beat = Heartbeat(store(port, False, timeout=1.0), rank=1, world_size=2, timeout=2.0, interval=0.2,
+                     on_lost=reports).start()
+    time.sleep(0.5)
+    rank0.stop()
+    time.sleep(1.0)  # rank 1 reads the finished beat
+    del server
+    assert not reports.event.wait(6.0)  # three timeouts: nothing is reported
+    beat.stop()
+
+
 def test_bad_timeouts_are_refused():
     with pytest.raises(ValueError, match="timeout must be > 0"):
         Heartbeat(None, rank=0, world_size=2, timeout=0)
