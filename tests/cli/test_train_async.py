@@ -36,7 +36,10 @@ def test_async_run_respects_staleness_bound_with_decoupled_loss(tmp_path, gsm8k_
     # Off-policy samples under a changing policy get importance weights != 1.
     assert any(abs(r["importance_weight_mean"] - 1.0) > 1e-6 for r in stale)
     assert all(0.0 <= r["masked_fraction"] <= 1.0 for r in records)
-    assert all(r["rollouts_rejected"] == 0 for r in records)
+    # Nothing failed: a rejection here can only be a trajectory expired as staler than the
+    # bound (a slow one on a loaded machine), which is the bound being enforced.
+    assert all(r["rollouts_rejected"] == r["rollouts_expired"] for r in records)
+    assert all(r["reward_failures"] == 0 for r in records)
 
 
 def test_decoupled_loss_without_recompute_is_refused(tmp_path, gsm8k_dir):

@@ -112,9 +112,12 @@ class ColocatedRollouts:
 
     def stats(self) -> dict:
         rollout = self.executor.get_stats()
+        # rollouts_rejected counts failures and trajectories expired as staler than the
+        # bound alike; rollouts_expired says how many of them were the latter.
+        rejections = self.executor.rejection_counts
         return {"rollouts_accepted": rollout.accepted, "rollouts_rejected": rollout.rejected,
-                "rollouts_running": rollout.running, "capacity": self.executor.get_capacity(),
-                "groups_filtered": self.executor.rejection_counts.get("filtered", 0)}
+                "rollouts_expired": rejections.get("expired", 0), "rollouts_running": rollout.running,
+                "capacity": self.executor.get_capacity(), "groups_filtered": rejections.get("filtered", 0)}
 
     def close(self) -> None:
         self.executor.destroy()
